@@ -1,0 +1,1 @@
+"""Defender XDR ⇄ Microsoft Sentinel incident sync engine."""
