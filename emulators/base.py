@@ -1,0 +1,88 @@
+"""The tiny request/response model every emulated service implements, and the fault plan."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class EmuRequest:
+    method: str
+    path: str                          # URL path without the query string, percent-decoded
+    query: dict[str, list[str]]        # parsed query string (keys as sent, e.g. "$filter")
+    headers: dict[str, str]            # lower-cased header names
+    body: bytes = b""
+    raw_target: str = ""               # the request target as sent (path + query)
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body.decode("utf-8"))
+
+    def q(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+@dataclass
+class EmuResponse:
+    status: int
+    body: Any = None                   # dict/list -> JSON; bytes/str as is; None -> empty
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Service(Protocol):
+    name: str                          # "entra", "graph", "ingestion", "sentinel"
+
+    def handle(self, request: EmuRequest) -> EmuResponse: ...
+
+
+@dataclass
+class Fault:
+    """One injected failure. kind: "status" (status + optional Retry-After), "drop" (close the connection without
+    a response), "delay" (sleep ``seconds`` then answer normally)."""
+
+    kind: str
+    status: int = 500
+    retry_after: str | None = None
+    seconds: float = 0.0
+
+
+class FaultPlan:
+    """Programmable faults per service: queued one-shot faults and predicate rules. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: dict[str, list[Fault]] = {}
+        self._rules: list[tuple[str, Callable[[EmuRequest], bool], Fault]] = []
+        self.injected: dict[str, int] = {}
+
+    def queue(self, service: str, fault: Fault, times: int = 1) -> None:
+        with self._lock:
+            self._queued.setdefault(service, []).extend([fault] * times)
+
+    def rule(self, service: str, predicate: Callable[[EmuRequest], bool], fault: Fault) -> None:
+        """Fail every request of ``service`` matching ``predicate`` (persistent until :meth:`clear`)."""
+        with self._lock:
+            self._rules.append((service, predicate, fault))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._queued.clear()
+            self._rules.clear()
+
+    def next_fault(self, service: str, request: EmuRequest) -> Fault | None:
+        with self._lock:
+            queued = self._queued.get(service)
+            fault: Fault | None = queued.pop(0) if queued else None
+            if fault is None:
+                for svc, predicate, rule_fault in self._rules:
+                    if svc == service and predicate(request):
+                        fault = rule_fault
+                        break
+            if fault is not None:
+                self.injected[service] = self.injected.get(service, 0) + 1
+            return fault
