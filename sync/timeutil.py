@@ -35,3 +35,14 @@ def format_time(value: datetime) -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def canonical_time(value: str) -> str:
+    """A comparable form of a Graph timestamp that keeps all 7 fractional digits: ``YYYY-MM-DDTHH:MM:SS.fffffffZ``.
+
+    Two versions of an incident may differ only in the 7th digit, so comparisons use this, not ``datetime``.
+    """
+    parsed = parse_time(value)
+    match = _FRACTION.search(value)
+    digits = (match.group(1) if match else "") + "0000000"
+    return parsed.strftime("%Y-%m-%dT%H:%M:%S.") + digits[:7] + "Z"

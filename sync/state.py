@@ -1,0 +1,341 @@
+"""Explicit sync state in Azure Table Storage.
+
+Tables:
+- ``syncTenants``: per-tenant cursor, the time slice in progress with its keyset position, and the last run.
+- ``syncIncidents``: the last ingested version of each incident and of each of its alerts (dedup).
+- ``syncLeases``: one lease per tenant and direction, taken with ETag optimistic concurrency.
+- ``syncDeadLetters``: what failed permanently or repeatedly, with the error and retry count.
+- ``syncLinks``: Defender ⇄ Sentinel links and the merge base (used by the mirror and push-back).
+
+Transactions stay inside one partition and under the service's 100-operation limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.credentials import TokenCredential
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableClient, TableServiceClient, UpdateMode
+
+from .settings import StorageConfig
+from .timeutil import format_time, parse_time, utcnow
+
+log = logging.getLogger(__name__)
+
+TENANTS = "syncTenants"
+INCIDENTS = "syncIncidents"
+LEASES = "syncLeases"
+DEAD_LETTERS = "syncDeadLetters"
+LINKS = "syncLinks"
+ALL_TABLES = (TENANTS, INCIDENTS, LEASES, DEAD_LETTERS, LINKS)
+
+BATCH_LIMIT = 100           # Table service transaction limit
+OR_LIMIT = 14               # the service allows 15 comparisons per filter; one is the PartitionKey
+PROPERTY_CHARS = 30_000     # string properties hold 64 KiB of UTF-16: stay well under
+MAX_CHUNKS = 25             # an entity holds 1 MiB; keep JSON spill under ~750 KB
+DEAD_LETTER_MAX_RETRIES = 5
+
+
+def _key(value: str) -> str:
+    """Table keys may not contain / \\ # ? or control characters."""
+    return "".join("_" if c in "/\\#?" or ord(c) < 32 or 127 <= ord(c) < 160 else c for c in value)
+
+
+def _split_json(prefix: str, value: Any) -> dict[str, str]:
+    """JSON spread over numbered string properties, because one property holds at most 64 KiB."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    chunks = [text[i:i + PROPERTY_CHARS] for i in range(0, len(text), PROPERTY_CHARS)] or [""]
+    if len(chunks) > MAX_CHUNKS:
+        raise ValueError(f"{prefix} is too large to store ({len(text)} characters)")
+    out = {f"{prefix}{i}": chunk for i, chunk in enumerate(chunks)}
+    out[f"{prefix}N"] = str(len(chunks))
+    return out
+
+
+def _join_json(prefix: str, entity: dict[str, Any], default: Any) -> Any:
+    count = entity.get(f"{prefix}N")
+    if count is None:
+        return default
+    text = "".join(str(entity.get(f"{prefix}{i}", "")) for i in range(int(count)))
+    try:
+        return json.loads(text) if text else default
+    except json.JSONDecodeError:
+        log.warning("stored JSON is corrupt; ignoring it", extra={"action": "state-read", "property": prefix})
+        return default
+
+
+@dataclass
+class TenantState:
+    """Progress of one tenant's pull. ``cursor``: every version updated at or before it has been handled."""
+
+    tenant_id: str
+    cursor: str | None = None
+    slice_lower: str | None = None
+    slice_upper: str | None = None
+    position: dict[str, Any] | None = None
+    reconcile_cursor: str | None = None
+    sweep_cursor: str | None = None
+    last_run: dict[str, Any] | None = None
+    builtin_connector_noted: bool = False
+    etag: str | None = None
+
+
+@dataclass
+class IncidentVersion:
+    """The last ingested version of an incident and of each of its alerts (canonical timestamps)."""
+
+    incident_id: str
+    last_update: str
+    alerts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Lease:
+    tenant_id: str
+    scope: str
+    owner: str
+    expires_at: datetime
+    etag: str
+
+
+@dataclass
+class DeadLetter:
+    tenant_id: str
+    kind: str
+    key: str
+    error: str
+    retry_count: int
+    first_failed_at: str
+    last_failed_at: str
+    version: str | None = None
+    given_up: bool = False
+
+
+class StateStore:
+    """All reads and writes of the sync state. Thread-safe as far as the underlying clients are."""
+
+    def __init__(self, service: TableServiceClient) -> None:
+        self._service = service
+        self._clients: dict[str, TableClient] = {}
+
+    @classmethod
+    def from_config(cls, config: StorageConfig, credential: TokenCredential | None) -> StateStore:
+        """Connection string, or identity-based with the app's credential."""
+        if config.connection_string is not None:
+            return cls(TableServiceClient.from_connection_string(config.connection_string))
+        if credential is None or config.table_uri is None:
+            raise ValueError("identity-based state storage needs a table service URI and a credential")
+        return cls(TableServiceClient(endpoint=config.table_uri, credential=credential))
+
+    def table(self, name: str) -> TableClient:
+        client = self._clients.get(name)
+        if client is None:
+            client = self._service.get_table_client(name)
+            self._clients[name] = client
+        return client
+
+    def ensure_tables(self) -> None:
+        """Create the state tables if they do not exist (idempotent)."""
+        for name in ALL_TABLES:
+            try:
+                self._service.create_table(name)
+            except ResourceExistsError:
+                pass
+
+    # ----------------------------------------------------------------- tenant progress
+    def get_tenant(self, tenant_id: str) -> TenantState:
+        try:
+            e = self.table(TENANTS).get_entity("tenant", _key(tenant_id))
+        except ResourceNotFoundError:
+            return TenantState(tenant_id=tenant_id)
+        return TenantState(
+            tenant_id=tenant_id,
+            cursor=e.get("Cursor") or None,
+            slice_lower=e.get("SliceLower") or None,
+            slice_upper=e.get("SliceUpper") or None,
+            position=_join_json("Position", e, None),
+            reconcile_cursor=e.get("ReconcileCursor") or None,
+            sweep_cursor=e.get("SweepCursor") or None,
+            last_run=_join_json("LastRun", e, None),
+            builtin_connector_noted=bool(e.get("BuiltinConnectorNoted", False)),
+            etag=e.metadata.get("etag"),
+        )
+
+    def save_tenant(self, state: TenantState) -> None:
+        """Write the tenant's progress (replace: absent fields are cleared)."""
+        entity: dict[str, Any] = {
+            "PartitionKey": "tenant", "RowKey": _key(state.tenant_id), "TenantId": state.tenant_id,
+            "Cursor": state.cursor or "", "SliceLower": state.slice_lower or "", "SliceUpper": state.slice_upper or "",
+            "ReconcileCursor": state.reconcile_cursor or "", "SweepCursor": state.sweep_cursor or "",
+            "BuiltinConnectorNoted": state.builtin_connector_noted,
+        }
+        entity.update(_split_json("Position", state.position))
+        entity.update(_split_json("LastRun", state.last_run))
+        self.table(TENANTS).upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+    def list_tenants(self) -> list[TenantState]:
+        return [self.get_tenant(str(e["TenantId"])) for e in self.table(TENANTS).query_entities(
+            "PartitionKey eq 'tenant'", select=["TenantId"])]
+
+    # ----------------------------------------------------------------- ingested versions
+    def get_versions(self, tenant_id: str, incident_ids: Iterable[str]) -> dict[str, IncidentVersion]:
+        """The stored versions of these incidents, in a few OR-queries instead of one read each."""
+        ids = list(dict.fromkeys(incident_ids))
+        found: dict[str, IncidentVersion] = {}
+        table = self.table(INCIDENTS)
+        pk = _key(tenant_id)
+        for start in range(0, len(ids), OR_LIMIT):
+            group = ids[start:start + OR_LIMIT]
+            params: dict[str, Any] = {"pk": pk}
+            clauses = []
+            for i, incident_id in enumerate(group):
+                params[f"r{i}"] = _key(incident_id)
+                clauses.append(f"RowKey eq @r{i}")
+            query = f"PartitionKey eq @pk and ({' or '.join(clauses)})"
+            for e in table.query_entities(query, parameters=params):
+                version = IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
+                                          alerts=_join_json("Alerts", e, {}))
+                found[version.incident_id] = version
+        return found
+
+    def save_versions(self, tenant_id: str, versions: Iterable[IncidentVersion]) -> None:
+        """Record ingested versions, in transactions of at most 100 entities."""
+        pk = _key(tenant_id)
+        ops: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        for v in versions:
+            entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": _key(v.incident_id), "IncidentId": v.incident_id,
+                                      "LastUpdate": v.last_update}
+            try:
+                entity.update(_split_json("Alerts", v.alerts))
+            except ValueError:
+                # Thousands of alerts: keep the incident version; its alerts may be written again next time.
+                entity.update(_split_json("Alerts", {}))
+            ops.append(("upsert", entity, {"mode": UpdateMode.REPLACE}))
+        table = self.table(INCIDENTS)
+        for start in range(0, len(ops), BATCH_LIMIT):
+            table.submit_transaction(ops[start:start + BATCH_LIMIT])
+
+    # ----------------------------------------------------------------- leases
+    def acquire_lease(self, tenant_id: str, scope: str, owner: str, seconds: float) -> Lease | None:
+        """Take the tenant's lease for ``scope`` if it is free or expired; None if another owner holds it."""
+        table = self.table(LEASES)
+        rk = _key(f"{scope}|{tenant_id}")
+        now = utcnow()
+        expires = now + timedelta(seconds=seconds)
+        entity = {"PartitionKey": "lease", "RowKey": rk, "Owner": owner, "ExpiresAt": format_time(expires)}
+        try:
+            current = table.get_entity("lease", rk)
+        except ResourceNotFoundError:
+            try:
+                meta = table.create_entity(entity)
+            except ResourceExistsError:
+                return None
+            return Lease(tenant_id, scope, owner, expires, str(meta["etag"]))
+        held_until = parse_time(str(current.get("ExpiresAt") or "1970-01-01T00:00:00Z"))
+        if current.get("Owner") != owner and held_until > now:
+            return None
+        try:
+            meta = table.update_entity(entity, mode=UpdateMode.REPLACE, etag=current.metadata["etag"],
+                                       match_condition=MatchConditions.IfNotModified)
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return None
+        return Lease(tenant_id, scope, owner, expires, str(meta["etag"]))
+
+    def renew_lease(self, lease: Lease, seconds: float) -> bool:
+        """Extend a held lease; False when it was lost (expired and taken by another owner)."""
+        expires = utcnow() + timedelta(seconds=seconds)
+        entity = {"PartitionKey": "lease", "RowKey": _key(f"{lease.scope}|{lease.tenant_id}"), "Owner": lease.owner,
+                  "ExpiresAt": format_time(expires)}
+        try:
+            meta = self.table(LEASES).update_entity(entity, mode=UpdateMode.REPLACE, etag=lease.etag,
+                                                    match_condition=MatchConditions.IfNotModified)
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return False
+        lease.etag = str(meta["etag"])
+        lease.expires_at = expires
+        return True
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease back at once (only if we still hold it)."""
+        try:
+            self.table(LEASES).delete_entity("lease", _key(f"{lease.scope}|{lease.tenant_id}"), etag=lease.etag,
+                                             match_condition=MatchConditions.IfNotModified)
+        except (ResourceModifiedError, ResourceNotFoundError):
+            pass
+
+    # ----------------------------------------------------------------- dead letters
+    def dead_letter(self, tenant_id: str, kind: str, key: str, error: str, *, version: str | None = None,
+                    max_retries: int = DEAD_LETTER_MAX_RETRIES) -> DeadLetter:
+        """Record (or count again) a failure. After ``max_retries`` the entry is marked given up."""
+        table = self.table(DEAD_LETTERS)
+        rk = _key(f"{kind}|{key}")
+        now = format_time(utcnow())
+        try:
+            e = table.get_entity(_key(tenant_id), rk)
+            retries = int(e.get("RetryCount", 0)) + 1
+            first = str(e.get("FirstFailedAt", now))
+        except ResourceNotFoundError:
+            retries, first = 0, now
+        letter = DeadLetter(tenant_id, kind, key, error[:2000], retries, first, now, version,
+                            given_up=retries >= max_retries)
+        table.upsert_entity({
+            "PartitionKey": _key(tenant_id), "RowKey": rk, "Kind": kind, "Key": key, "Error": letter.error,
+            "RetryCount": retries, "FirstFailedAt": first, "LastFailedAt": now, "Version": version or "",
+            "GivenUp": letter.given_up,
+        }, mode=UpdateMode.REPLACE)
+        return letter
+
+    def dead_letters(self, tenant_id: str, *, pending_only: bool = False) -> Iterator[DeadLetter]:
+        query = "PartitionKey eq @pk" + (" and GivenUp eq false" if pending_only else "")
+        for e in self.table(DEAD_LETTERS).query_entities(query, parameters={"pk": _key(tenant_id)}):
+            yield DeadLetter(tenant_id, str(e["Kind"]), str(e["Key"]), str(e.get("Error", "")),
+                             int(e.get("RetryCount", 0)), str(e.get("FirstFailedAt", "")),
+                             str(e.get("LastFailedAt", "")), str(e.get("Version") or "") or None,
+                             bool(e.get("GivenUp", False)))
+
+    def resolve_dead_letter(self, tenant_id: str, kind: str, key: str) -> None:
+        try:
+            self.table(DEAD_LETTERS).delete_entity(_key(tenant_id), _key(f"{kind}|{key}"))
+        except ResourceNotFoundError:
+            pass
+
+    # ----------------------------------------------------------------- links (mirror state)
+    def get_link(self, tenant_id: str, incident_id: str) -> dict[str, Any] | None:
+        try:
+            e = self.table(LINKS).get_entity(_key(tenant_id), _key(incident_id))
+        except ResourceNotFoundError:
+            return None
+        return {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
+
+    def save_link(self, tenant_id: str, incident_id: str, link: dict[str, Any], *,
+                  sentinel_name: str | None = None) -> None:
+        body = {k: v for k, v in link.items() if k != "etag"}
+        entity: dict[str, Any] = {"PartitionKey": _key(tenant_id), "RowKey": _key(incident_id),
+                                  "IncidentId": incident_id,
+                                  "SentinelName": sentinel_name or body.get("sentinelName", "")}
+        entity.update(_split_json("Link", body))
+        self.table(LINKS).upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+    def find_link_by_sentinel_name(self, sentinel_name: str) -> tuple[str, str, dict[str, Any]] | None:
+        """(tenant ID, incident ID, link) for a Sentinel incident name, or None if the app does not mirror it."""
+        for e in self.table(LINKS).query_entities("SentinelName eq @n", parameters={"n": sentinel_name}):
+            tenant = str(e["PartitionKey"])
+            return tenant, str(e["IncidentId"]), {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
+        return None
+
+    def iter_links(self, tenant_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for e in self.table(LINKS).query_entities("PartitionKey eq @pk", parameters={"pk": _key(tenant_id)}):
+            yield str(e["IncidentId"]), {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
+
+
+def run_record(started: datetime, finished: datetime, outcome: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """The ``lastRun`` block kept with each tenant's state."""
+    return {"startedAt": format_time(started), "finishedAt": format_time(finished), "outcome": outcome,
+            "summary": summary}
