@@ -435,3 +435,35 @@ class _Reader:
         if credential is not None and credential.lower() != "managedidentity":
             self.problems.append(f"{prefix}__credential must be managedidentity when set; got {credential!r}.")
         return StorageConfig(table_uri=table_uri, queue_uri=queue_uri, client_id=self.optional(f"{prefix}__clientId"))
+
+
+_FINGERPRINT_EXTRA = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "MSI_ENDPOINT", "REQUESTS_CA_BUNDLE",
+                      "APPLICATIONINSIGHTS_CONNECTION_STRING")
+
+
+def settings_fingerprint(env: Mapping[str, str] | None = None) -> str:
+    """A digest of every setting the app reads, so a process notices when its configuration changed."""
+    import hashlib
+
+    env = os.environ if env is None else env
+    names = sorted(k for k in env if k in SETTING_NAMES or k in _FINGERPRINT_EXTRA
+                   or k.startswith(("AzureWebJobsStorage__", "SYNC_STATE_STORAGE__")))
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}\0{env[name]}\0".encode())
+    return digest.hexdigest()
+
+
+def queue_connection_name(env: Mapping[str, str] | None = None) -> str:
+    """The app-setting prefix of the account that holds the fan-out queue (for the queue trigger binding)."""
+    env = os.environ if env is None else env
+    if any(k == "SYNC_STATE_STORAGE" or k.startswith("SYNC_STATE_STORAGE__") for k in env):
+        return "SYNC_STATE_STORAGE"
+    return "AzureWebJobsStorage"
+
+
+def telemetry_connection_string(env: Mapping[str, str] | None = None) -> str | None:
+    """``APPLICATIONINSIGHTS_CONNECTION_STRING``, when telemetry is wanted."""
+    env = os.environ if env is None else env
+    value = env.get("APPLICATIONINSIGHTS_CONNECTION_STRING", "").strip()
+    return value or None

@@ -1,0 +1,46 @@
+# One entry point for humans and CI. `make demo` and `make test` install everything they need.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+
+.PHONY: setup demo test lint typecheck unit infra-check bench clean
+
+setup: $(STAMP) $(NODE_STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+## Run defender_pull (and the round trip) through the function entry point against the local emulators.
+demo: setup
+	$(PY) -m scripts.demo
+
+## The whole test suite: lint, types, unit, end-to-end and infrastructure checks.
+test: setup lint typecheck unit infra-check
+
+lint:
+	$(VENV)/bin/ruff check .
+
+typecheck:
+	$(VENV)/bin/mypy sync function_app.py
+
+unit:
+	$(VENV)/bin/pytest
+
+infra-check:
+	$(VENV)/bin/checkov -d infra --framework bicep --compact --quiet --config-file .checkov.yaml
+
+## Benchmark: N incidents (default 10000) from the emulators; prints requests, CPU and memory figures.
+bench: setup
+	$(PY) -m bench.pull_bench --incidents $${N:-10000}
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .demo

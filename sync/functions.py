@@ -1,0 +1,207 @@
+"""Function handlers: validate what arrives, run the engine, shape the JSON. ``function_app.py`` binds them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import azure.functions as func
+
+from .budget import Deadline
+from .context import AppContext, get_context
+from .fanout import enqueue_tenants
+from .models import CycleSummary
+from .pull import TenantPull
+from .runner import run_cycle, status
+from .settings import SettingsError, TenantConfig
+from .timeutil import parse_time, utcnow
+
+log = logging.getLogger(__name__)
+
+HTTP_BUDGET_CAP_SECONDS = 200.0   # Azure cuts HTTP responses at 230 s
+DIRECTIONS = ("pull", "reconcile")
+
+
+class RequestError(Exception):
+    """A client error with its HTTP status and machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str) -> func.HttpResponse:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+def json_response(body: Any, status: int = 200) -> func.HttpResponse:
+    return func.HttpResponse(json.dumps(body, ensure_ascii=False), status_code=status,
+                             mimetype="application/json", charset="utf-8")
+
+
+def _context_or_error() -> AppContext:
+    try:
+        return get_context()
+    except SettingsError as exc:
+        raise RequestError(500, "configuration_error", str(exc)) from exc
+
+
+def _cycle_factory(direction: str) -> Callable[[AppContext, TenantConfig, Deadline, datetime | None], Any]:
+    if direction == "reconcile":
+        from .pushback import ReconcileCycle
+
+        def reconcile(ctx: AppContext, tenant: TenantConfig, deadline: Deadline, since: datetime | None) -> Any:
+            return ReconcileCycle(ctx, tenant, deadline=deadline, since=since)
+
+        return reconcile
+
+    def pull(ctx: AppContext, tenant: TenantConfig, deadline: Deadline, since: datetime | None) -> Any:
+        from .mirror import mirror_hook
+
+        return TenantPull(ctx, tenant, deadline=deadline, since=since, hook=mirror_hook(ctx))
+
+    return pull
+
+
+def run(ctx: AppContext, direction: str, tenants: list[TenantConfig], budget: float,
+        since: datetime | None = None) -> CycleSummary:
+    """One cycle over ``tenants`` within ``budget`` seconds."""
+    deadline = Deadline(budget)
+    return run_cycle(ctx, direction, tenants, deadline, _cycle_factory(direction), since=since)
+
+
+def timer_cycle(direction: str) -> CycleSummary | None:
+    """The timers: run every tenant inline, or enqueue one message per tenant when ``SYNC_FANOUT=queue``."""
+    ctx = get_context()
+    if ctx.settings.fanout == "queue":
+        enqueue_tenants(ctx, direction)
+        log.info("enqueued tenant work", extra={"action": direction, "outcome": "enqueued",
+                                                "tenants": len(ctx.settings.tenants)})
+        return None
+    summary = run(ctx, direction, list(ctx.settings.tenants), ctx.settings.time_budget_seconds)
+    _log_summary(summary)
+    return summary
+
+
+def tenant_message(body: bytes | str) -> CycleSummary | None:
+    """The queue worker: one tenant's cycle. A malformed message is logged and dropped (retrying cannot help)."""
+    ctx = get_context()
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        message = json.loads(text)
+        if not isinstance(message, dict):
+            raise ValueError("the message must be a JSON object")
+        tenant_id = message.get("tenantId")
+        direction = message.get("direction", "pull")
+        if not isinstance(tenant_id, str) or direction not in DIRECTIONS:
+            raise ValueError('expected {"tenantId": "<guid>", "direction": "pull" or "reconcile"}')
+    except (UnicodeDecodeError, ValueError) as exc:
+        log.error("dropped malformed queue message: %s", exc, extra={"action": "tenant-pull", "outcome": "rejected"})
+        return None
+    tenant = ctx.settings.tenant(tenant_id)
+    if tenant is None:
+        log.error("dropped queue message for a tenant that is not configured",
+                  extra={"tenantId": tenant_id, "action": "tenant-pull", "outcome": "rejected"})
+        return None
+    summary = run(ctx, direction, [tenant], ctx.settings.time_budget_seconds)
+    _log_summary(summary)
+    return summary
+
+
+def _log_summary(summary: CycleSummary) -> None:
+    for t in summary.tenants:
+        log.info("tenant cycle summary", extra={"tenantId": t.tenant_id, "action": summary.direction,
+                                                "outcome": t.outcome, **{k: v for k, v in t.to_dict().items()
+                                                                         if isinstance(v, int)}})
+
+
+def sync_run(req: func.HttpRequest) -> func.HttpResponse:
+    """POST sync/run: ``{"tenants": [...], "since": "<ISO>", "direction": "pull"|"reconcile"}``, all optional."""
+    try:
+        ctx = _context_or_error()
+        body = _json_body(req, ctx.settings.webhook_max_body_bytes, allow_empty=True)
+        unknown = set(body) - {"tenants", "since", "direction"}
+        if unknown:
+            raise RequestError(400, "invalid_request", f"unknown keys {sorted(unknown)}; allowed: tenants, since, "
+                                                       "direction")
+        direction = body.get("direction", "pull")
+        if direction not in DIRECTIONS:
+            raise RequestError(400, "invalid_direction", 'direction must be "pull" or "reconcile"')
+        tenants = _requested_tenants(ctx, body.get("tenants"))
+        since = _since(body.get("since"))
+        budget = min(ctx.settings.time_budget_seconds, HTTP_BUDGET_CAP_SECONDS)
+        summary = run(ctx, direction, tenants, budget, since)
+    except RequestError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    _log_summary(summary)
+    return json_response(summary.to_dict())
+
+
+def sync_status(req: func.HttpRequest) -> func.HttpResponse:
+    """GET sync/status."""
+    try:
+        ctx = _context_or_error()
+    except RequestError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    return json_response(status(ctx))
+
+
+def _requested_tenants(ctx: AppContext, raw: object) -> list[TenantConfig]:
+    if raw is None:
+        return list(ctx.settings.tenants)
+    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+        raise RequestError(400, "invalid_tenants", "tenants must be a list of tenant ID strings")
+    chosen: list[TenantConfig] = []
+    for tenant_id in raw:
+        tenant = ctx.settings.tenant(tenant_id)
+        if tenant is None:
+            raise RequestError(400, "unknown_tenant", f"tenant {tenant_id!r} is not in DEFENDER_TENANT_IDS; "
+                                                      "configured tenants: "
+                                                      + ", ".join(t.tenant_id for t in ctx.settings.tenants))
+        if tenant not in chosen:
+            chosen.append(tenant)
+    return chosen
+
+
+def _since(raw: object) -> datetime | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise RequestError(400, "invalid_since", "since must be an ISO-8601 time string such as "
+                                                 "2026-11-01T00:00:00Z")
+    try:
+        value = parse_time(raw)
+    except ValueError as exc:
+        raise RequestError(400, "invalid_since", f"since must be an ISO-8601 time such as 2026-11-01T00:00:00Z; "
+                                                 f"got {raw[:64]!r}") from exc
+    if value > utcnow() + timedelta(minutes=5):
+        raise RequestError(400, "invalid_since", "since is in the future")
+    return value
+
+
+def _json_body(req: func.HttpRequest, limit: int, *, allow_empty: bool = False) -> dict[str, Any]:
+    """The request's JSON object, after checking size (413), content type (415) and syntax (400)."""
+    body = req.get_body() or b""
+    if len(body) > limit:
+        raise RequestError(413, "payload_too_large", f"the body is {len(body)} bytes; the limit is {limit} "
+                                                     "(WEBHOOK_MAX_BODY_BYTES)")
+    if not body.strip():
+        if allow_empty:
+            return {}
+        raise RequestError(400, "empty_body", "the body is empty; send a JSON object")
+    content_type = (req.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise RequestError(415, "unsupported_media_type", f"Content-Type must be application/json, not "
+                                                          f"{content_type[:64]!r}")
+    try:
+        parsed = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, "malformed_json", f"the body is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise RequestError(400, "invalid_request", "the body must be a JSON object")
+    return parsed

@@ -1,0 +1,321 @@
+"""One tenant's pull cycle (Defender → Log Analytics, then the mirror hook), as resumable steps.
+
+The cycle reads the window ``[cursor - overlap, now]`` (first run: ``now - lookback``), split into slices of at
+most :data:`SLICE` oldest first. Each slice is walked newest first by time keyset (see ``GraphSecurityClient``);
+after every page the rows are stored, the versions recorded, and the keyset position checkpointed, so a crash or
+a spent budget resumes where it stopped. The cursor moves to a slice's upper bound only when the whole slice is
+done. A version already ingested is never ingested again; an incident that cannot be ingested is dead-lettered
+instead of holding the cursor.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from .budget import BudgetExhausted, Deadline
+from .context import AppContext
+from .filters import passes_filters
+from .graph import IncidentPage, KeysetPosition
+from .http import ApiError
+from .models import TenantSummary
+from .rows import alert_row, evidence_rows, incident_row
+from .settings import TenantConfig
+from .state import IncidentVersion, Lease, TenantState, run_record
+from .timeutil import canonical_time, format_time, parse_time, utcnow
+
+log = logging.getLogger(__name__)
+
+SLICE = timedelta(days=1)
+LEASE_SECONDS = 60.0
+LEASE_RENEW_BELOW = 40.0
+STEP_RESERVE_SECONDS = 3.0
+
+IncidentHook = Callable[[TenantConfig, dict[str, Any], TenantSummary, Deadline], None]
+
+
+class IngestError(Exception):
+    """Rows could not be stored; the page is not checkpointed and is read again next time."""
+
+
+@dataclass
+class _Slice:
+    lower: str
+    upper: str
+    resume: KeysetPosition | None = None
+
+
+class TenantPull:
+    """Drive with :meth:`start`, then :meth:`step` until it returns False, then :meth:`finish`."""
+
+    def __init__(self, ctx: AppContext, tenant: TenantConfig, *, deadline: Deadline, since: datetime | None = None,
+                 hook: IncidentHook | None = None, now: datetime | None = None) -> None:
+        self.ctx = ctx
+        self.tenant = tenant
+        self.deadline = deadline
+        self.since = since
+        self.hook = hook
+        self.started = utcnow()
+        self.upper = now or self.started
+        self.owner = f"{ctx.instance_id}-{uuid.uuid4().hex[:8]}"
+        self.summary = TenantSummary(tenant_id=tenant.tenant_id)
+        self._lease: Lease | None = None
+        self._state: TenantState | None = None
+        self._slices: list[_Slice] = []
+        self._current: _Slice | None = None
+        self._pages: Iterator[IncidentPage] | None = None
+        self._graph = ctx.graph(tenant.tenant_id)
+        self._stats_base = (self._graph_stats().requests, self._graph_stats().throttled)
+
+    def _graph_stats(self) -> Any:
+        return self._graph.session.stats
+
+    def _log(self, action: str, outcome: str, **fields: Any) -> None:
+        log.info("%s %s", action, outcome, extra={"tenantId": self.tenant.tenant_id, "action": action,
+                                                   "outcome": outcome, **fields})
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> bool:
+        """Take the tenant's lease and plan the slices. False when another instance is working this tenant."""
+        store = self.ctx.state
+        self._lease = store.acquire_lease(self.tenant.tenant_id, "pull", self.owner, LEASE_SECONDS)
+        if self._lease is None:
+            self.summary.outcome = "skipped"
+            self.summary.error = "another instance holds this tenant's lease; skipped"
+            self._log("pull", "skipped-leased")
+            return False
+        state = store.get_tenant(self.tenant.tenant_id)
+        self._state = state
+        self.summary.cursor_before = state.cursor
+        self.summary.cursor_after = state.cursor
+        self._slices = self._plan(state)
+        return True
+
+    def _plan(self, state: TenantState) -> list[_Slice]:
+        s = self.ctx.settings
+        upper = self.upper
+        slices: list[_Slice] = []
+        if self.since is not None:
+            lower = self.since
+        else:
+            if state.slice_lower and state.slice_upper:
+                resume = KeysetPosition.from_dict(state.position) if state.position else None
+                slices.append(_Slice(state.slice_lower, state.slice_upper, resume))
+                lower = parse_time(state.slice_upper) - timedelta(seconds=s.overlap_seconds)
+            elif state.cursor:
+                lower = parse_time(state.cursor) - timedelta(seconds=s.overlap_seconds)
+            else:
+                lower = upper - timedelta(days=s.initial_lookback_days)
+        while lower < upper:
+            end = min(upper, lower + SLICE)
+            slices.append(_Slice(format_time(lower), format_time(end)))
+            lower = end
+        return slices
+
+    def step(self) -> bool:
+        """Process one page. Returns True while work remains."""
+        assert self._state is not None and self._lease is not None
+        self.deadline.check(STEP_RESERVE_SECONDS)
+        self._keep_lease()
+        if self._pages is None:
+            if not self._slices:
+                return False
+            self._current = self._slices.pop(0)
+            self._pages = self._graph.iter_incident_pages(
+                parse_time(self._current.lower), parse_time(self._current.upper), resume=self._current.resume,
+                deadline=self.deadline)
+        try:
+            page = next(self._pages)
+        except StopIteration:
+            self._complete_slice()
+            return bool(self._slices)
+        self._process(page)
+        self._checkpoint(page.position)
+        return True
+
+    def finish(self, outcome: str | None = None, error: str | None = None) -> TenantSummary:
+        """Record the run, release the lease, and return the summary."""
+        stats = self._graph_stats()
+        self.summary.requests = stats.requests - self._stats_base[0]
+        self.summary.throttled = stats.throttled - self._stats_base[1]
+        if outcome is not None:
+            self.summary.outcome = outcome
+        if error is not None:
+            self.summary.error = error
+        if self._lease is not None and self._state is not None:
+            store = self.ctx.state
+            try:
+                # Re-read: a failed step may have left in-memory state ahead of what was stored.
+                state = store.get_tenant(self.tenant.tenant_id)
+                state.last_run = run_record(self.started, utcnow(), self.summary.outcome,
+                                            {k: v for k, v in self.summary.to_dict().items() if k != "notes"})
+                store.save_tenant(state)
+                self.summary.cursor_after = state.cursor
+            finally:
+                store.release_lease(self._lease)
+                self._lease = None
+        self._log("pull", self.summary.outcome, incidents=self.summary.incidents, alerts=self.summary.alerts,
+                  evidence=self.summary.evidence, pages=self.summary.pages, throttled=self.summary.throttled,
+                  deadLettered=self.summary.dead_lettered, cursor=self.summary.cursor_after)
+        return self.summary
+
+    # ------------------------------------------------------------------ internals
+    def _keep_lease(self) -> None:
+        assert self._lease is not None
+        if (self._lease.expires_at - utcnow()).total_seconds() < LEASE_RENEW_BELOW:
+            if not self.ctx.state.renew_lease(self._lease, LEASE_SECONDS):
+                raise LeaseLost("the tenant's lease was lost to another instance")
+
+    def _complete_slice(self) -> None:
+        """The whole slice is done: the cursor may move to its upper bound."""
+        assert self._state is not None and self._current is not None
+        state = self._state
+        done = self._current.upper
+        if state.cursor is None or canonical_time(done) > canonical_time(state.cursor):
+            state.cursor = done
+        if self.since is None:
+            state.slice_lower = state.slice_upper = None
+            state.position = None
+        self.ctx.state.save_tenant(state)
+        self.summary.cursor_after = state.cursor
+        self._pages = None
+        self._current = None
+
+    def _checkpoint(self, position: KeysetPosition) -> None:
+        assert self._state is not None and self._current is not None
+        if self.since is not None:
+            return  # a one-off re-read never moves the stored progress
+        state = self._state
+        state.slice_lower, state.slice_upper = self._current.lower, self._current.upper
+        state.position = position.to_dict()
+        self.ctx.state.save_tenant(state)
+
+    def _process(self, page: IncidentPage) -> None:
+        tenant = self.tenant
+        store = self.ctx.state
+        self.summary.pages += 1
+        incidents = [i for i in page.incidents if isinstance(i, dict)]
+        versions = store.get_versions(tenant.tenant_id, [str(i.get("id")) for i in incidents])
+        read_at = utcnow()
+        rows: dict[str, list[dict[str, Any]]] = {"DefenderIncidents_CL": [], "DefenderAlerts_CL": [],
+                                                 "DefenderEvidence_CL": []}
+        pending: dict[str, IncidentVersion] = {}
+        in_scope: list[dict[str, Any]] = []
+        for incident in incidents:
+            incident_id = str(incident.get("id"))
+            if "_alertsError" in incident:
+                self._dead_letter("incident", incident_id, str(incident["_alertsError"]),
+                                  incident.get("lastUpdateDateTime"))
+                continue
+            if not passes_filters(tenant, incident):
+                self.summary.filtered += 1
+                continue
+            in_scope.append(incident)
+            try:
+                built = self._rows_for(incident, versions.get(incident_id), read_at)
+            except ValueError as exc:
+                self._dead_letter("incident", incident_id, f"unusable incident: {exc}",
+                                  incident.get("lastUpdateDateTime"))
+                continue
+            if built is None:
+                self.summary.skipped += 1
+                continue
+            version, incident_rows, alert_rows, ev_rows = built
+            rows["DefenderIncidents_CL"].extend(incident_rows)
+            rows["DefenderAlerts_CL"].extend(alert_rows)
+            rows["DefenderEvidence_CL"].extend(ev_rows)
+            pending[incident_id] = version
+        failed = self._upload(rows)
+        stored = [v for k, v in pending.items() if k not in failed]
+        if stored:
+            store.save_versions(tenant.tenant_id, stored)
+        self.summary.incidents += len(stored)
+        for table, key in (("DefenderAlerts_CL", "alerts"), ("DefenderEvidence_CL", "evidence")):
+            count = sum(1 for r in rows[table] if r.get("IncidentId") not in failed)
+            setattr(self.summary, key, getattr(self.summary, key) + count)
+        for incident_id in pending:
+            if incident_id not in failed:
+                store.resolve_dead_letter(tenant.tenant_id, "ingest", incident_id)
+        if failed:
+            permanent = self._record_ingest_failures(failed, pending)
+            if not permanent:
+                raise IngestError(f"{len(failed)} incident(s) could not be stored in Log Analytics; "
+                                  "the page will be read again next run")
+        if self.hook is not None and tenant.mirrors:
+            for incident in in_scope:
+                if str(incident.get("id")) not in failed:
+                    self.hook(tenant, incident, self.summary, self.deadline)
+
+    def _rows_for(self, incident: dict[str, Any], previous: IncidentVersion | None, read_at: datetime
+                  ) -> tuple[IncidentVersion, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """Rows for what is new in this version, or None when this version was already ingested."""
+        incident_id = str(incident.get("id"))
+        version = canonical_time(str(incident.get("lastUpdateDateTime")))
+        if previous is not None and previous.last_update >= version:
+            return None
+        t = self.tenant
+        incident_rows = [incident_row(incident, tenant_id=t.tenant_id, tenant_name=t.name, read_at=read_at)]
+        alert_versions = dict(previous.alerts) if previous is not None else {}
+        new_alerts: list[dict[str, Any]] = []
+        new_evidence: list[dict[str, Any]] = []
+        for alert in incident.get("alerts") or []:
+            if not isinstance(alert, dict) or not alert.get("id"):
+                continue
+            alert_id = str(alert["id"])
+            raw_time = alert.get("lastUpdateDateTime") or alert.get("createdDateTime")
+            alert_version = canonical_time(str(raw_time)) if raw_time else version
+            if alert_versions.get(alert_id, "") >= alert_version:
+                continue
+            new_alerts.append(alert_row(alert, incident_id=incident_id, tenant_id=t.tenant_id, tenant_name=t.name,
+                                        read_at=read_at))
+            new_evidence.extend(evidence_rows(alert, incident_id=incident_id, tenant_id=t.tenant_id,
+                                              tenant_name=t.name, read_at=read_at))
+            alert_versions[alert_id] = alert_version
+        return IncidentVersion(incident_id, version, alert_versions), incident_rows, new_alerts, new_evidence
+
+    def _upload(self, rows: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+        """Send the rows; return {incident ID: error} for every incident with a row that was not stored."""
+        failed: dict[str, str] = {}
+        for table, table_rows in rows.items():
+            if not table_rows:
+                continue
+            result = self.ctx.sink.upload(table, table_rows)
+            error = "; ".join(result.errors)[:500] or "upload failed"
+            for row in result.failed_rows:
+                failed.setdefault(str(row.get("IncidentId")), error)
+        return failed
+
+    def _record_ingest_failures(self, failed: dict[str, str], pending: dict[str, IncidentVersion]) -> bool:
+        """Count each failure; True when every failed incident has now been given up (the page can move on).
+
+        A transient outage fails every incident alike and retries forever across runs; an incident that keeps
+        failing while others store fine is a poison record and is given up after a few runs, so it never
+        freezes the cursor. It stays listed as a dead letter for the operator.
+        """
+        all_given_up = True
+        for incident_id, error in failed.items():
+            version = pending.get(incident_id)
+            letter = self.ctx.state.dead_letter(self.tenant.tenant_id, "ingest", incident_id, error,
+                                                version=version.last_update if version else None)
+            if letter.given_up and len(failed) < len(pending):
+                self.summary.dead_lettered += 1
+            else:
+                all_given_up = False
+        return all_given_up
+
+    def _dead_letter(self, kind: str, key: str, error: str, version: object) -> None:
+        self.ctx.state.dead_letter(self.tenant.tenant_id, kind, key, error,
+                                   version=str(version) if version else None)
+        self.summary.dead_lettered += 1
+        self._log("dead-letter", kind, incidentId=key, error=error[:300])
+
+
+class LeaseLost(Exception):
+    """Another instance took over the tenant; this cycle stops without writing progress."""
+
+
+__all__ = ["ApiError", "BudgetExhausted", "IngestError", "LeaseLost", "TenantPull"]
