@@ -16,6 +16,7 @@ class EmuRequest:
     headers: dict[str, str]            # lower-cased header names
     body: bytes = b""
     raw_target: str = ""               # the request target as sent (path + query)
+    base_url: str = ""                 # "https://127.0.0.1:<port>" of the server that received it ("" if unknown)
 
     def json(self) -> Any:
         import json
@@ -56,28 +57,43 @@ class FaultPlan:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queued: dict[str, list[Fault]] = {}
+        self._queued: dict[str, list[tuple[Fault, Callable[[EmuRequest], bool] | None]]] = {}
         self._rules: list[tuple[str, Callable[[EmuRequest], bool], Fault]] = []
         self.injected: dict[str, int] = {}
 
-    def queue(self, service: str, fault: Fault, times: int = 1) -> None:
+    def queue(self, service: str, fault: Fault, times: int = 1,
+              when: Callable[[EmuRequest], bool] | None = None) -> None:
+        """Fail the next ``times`` requests of ``service`` (only those matching ``when``, if given)."""
         with self._lock:
-            self._queued.setdefault(service, []).extend([fault] * times)
+            self._queued.setdefault(service, []).extend([(fault, when)] * times)
 
     def rule(self, service: str, predicate: Callable[[EmuRequest], bool], fault: Fault) -> None:
         """Fail every request of ``service`` matching ``predicate`` (persistent until :meth:`clear`)."""
         with self._lock:
             self._rules.append((service, predicate, fault))
 
-    def clear(self) -> None:
+    def pending(self, service: str | None = None) -> int:
+        """How many queued one-shot faults have not fired yet (for ``service``, or all)."""
+        with self._lock:
+            return sum(len(v) for k, v in self._queued.items() if service is None or k == service)
+
+    def clear(self, counts: bool = False) -> None:
+        """Drop every queued fault and rule (and, with ``counts``, the :attr:`injected` counters)."""
         with self._lock:
             self._queued.clear()
             self._rules.clear()
+            if counts:
+                self.injected.clear()
 
     def next_fault(self, service: str, request: EmuRequest) -> Fault | None:
         with self._lock:
-            queued = self._queued.get(service)
-            fault: Fault | None = queued.pop(0) if queued else None
+            fault: Fault | None = None
+            queued = self._queued.get(service) or []
+            for index, (candidate, when) in enumerate(queued):
+                if when is None or when(request):
+                    fault = candidate
+                    del queued[index]
+                    break
             if fault is None:
                 for svc, predicate, rule_fault in self._rules:
                     if svc == service and predicate(request):
@@ -86,3 +102,27 @@ class FaultPlan:
             if fault is not None:
                 self.injected[service] = self.injected.get(service, 0) + 1
             return fault
+
+
+def match_request(method: str | None = None, path: str | None = None,
+                  query: dict[str, str] | None = None) -> Callable[[EmuRequest], bool]:
+    """A predicate for :meth:`FaultPlan.rule`/:meth:`FaultPlan.queue`: ``method`` (case-insensitive), ``path`` (a
+    regular expression searched in the decoded path) and ``query`` (each named parameter must contain the given text;
+    ``""`` means "present")."""
+    import re
+
+    pattern = re.compile(path) if path else None
+    wanted_method = method.upper() if method else None
+
+    def predicate(request: EmuRequest) -> bool:
+        if wanted_method and request.method.upper() != wanted_method:
+            return False
+        if pattern and not pattern.search(request.path):
+            return False
+        for key, text in (query or {}).items():
+            value = request.q(key)
+            if value is None or text not in value:
+                return False
+        return True
+
+    return predicate
