@@ -242,7 +242,7 @@ class SentinelService:
         self.api_versions = tuple(api_versions)
         self.paging = paging
         self.default_page_size = default_page_size
-        self.base_url = base_url            # scheme://host[:port] for nextLink; None -> from the Host header
+        self.base_url = base_url            # scheme://host[:port] for nextLink; None -> the request's own
         self._clock_ns = clock_ns
         self._last_tick = 0
         self._lock = threading.RLock()
@@ -376,7 +376,13 @@ class SentinelService:
         try:
             return self.verifier(request.headers)
         except Exception as exc:  # any verifier failure (TokenError, a malformed header) is a 401
-            raise _Reject(401, "InvalidAuthenticationToken", f"The access token is invalid: {exc}",
+            # ARM's codes; TokenError.code (emulators/tokens.py) tells a missing header from an expired token.
+            kind = getattr(exc, "code", None)
+            code, message = {
+                "missing": ("AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing."),
+                "expired": ("ExpiredAuthenticationToken", f"The access token has expired: {exc}"),
+            }.get(kind or "", ("InvalidAuthenticationToken", f"The access token is invalid: {exc}"))
+            raise _Reject(401, code, message,
                           {"WWW-Authenticate": 'Bearer authorization_uri="https://login.microsoftonline.com/", '
                                                'error="invalid_token"'}) from exc
 
@@ -573,7 +579,8 @@ class SentinelService:
         return page, raw
 
     def _next_link(self, request: EmuRequest, token: str) -> str:
-        base = self.base_url or f"https://{request.headers.get('host', 'management.azure.com')}"
+        base = (self.base_url or getattr(request, "base_url", "")
+                or f"https://{request.headers.get('host', 'management.azure.com')}")
         query = {k: v[0] for k, v in request.query.items() if k != "$skipToken" and v}
         query["$skipToken"] = token
         return f"{base.rstrip('/')}{quote(request.path)}?{urlencode(query, quote_via=quote, safe='$')}"

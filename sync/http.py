@@ -152,15 +152,18 @@ class BearerSession:
 
     def request(self, method: str, url: str, *, deadline: Deadline | None = None, json: Any = None,
                 headers: Mapping[str, str] | None = None, ok: frozenset[int] = frozenset({200, 201, 204}),
-                retry_on_conflict: bool = False) -> requests.Response:
+                retry_on_conflict: bool = False, attempts: int | None = None) -> requests.Response:
         """Send a request, retrying transient failures; return the response whose status is in ``ok``.
 
         A status outside ``ok`` that is not transient raises :class:`ApiError` at once (404, 400, 409 ...), so
         callers can map it. A wait longer than the remaining budget raises :class:`BudgetExhausted`.
+        ``attempts`` overrides ``policy.max_attempts`` for this call (a caller with its own fallback, such as a
+        smaller Graph page, need not sit through the full retry ladder again).
         """
         deadline = deadline or Deadline.unlimited()
         last_error: ApiError | None = None
-        for attempt in range(self.policy.max_attempts):
+        max_attempts = max(1, attempts if attempts is not None else self.policy.max_attempts)
+        for attempt in range(max_attempts):
             deadline.check()
             if self._limiter is not None:
                 self._limiter.acquire(deadline)
@@ -172,7 +175,8 @@ class BearerSession:
                 response = self._session.request(
                     method, url, json=json, headers=self._headers(headers),
                     timeout=min(self.policy.timeout, max(1.0, deadline.remaining())))
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                # ChunkedEncodingError: the connection dropped mid-body; as transient as a refused connection.
                 last_error = ApiError(f"{method} {_safe_url(url)} failed: {type(exc).__name__}")
                 wait = self._backoff(attempt)
             else:
@@ -187,7 +191,7 @@ class BearerSession:
                 if response.status_code in THROTTLE_STATUS:
                     self.stats.throttled += 1
                 wait = retry_after if retry_after is not None else self._backoff(attempt)
-            if attempt + 1 >= self.policy.max_attempts:
+            if attempt + 1 >= max_attempts:
                 break
             if wait >= deadline.remaining():
                 raise BudgetExhausted(f"retry wait of {wait:.1f}s exceeds the remaining budget") from last_error

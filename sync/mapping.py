@@ -428,8 +428,9 @@ def from_sentinel(properties: Mapping[str, Any], *, owner_map: OwnerMap, base: S
        label the app wrote for the previous classification (``base``), which is ignored silently; with several valid
        labels, the one that differs from ``base`` wins (it is the analyst's new one), else they are reported;
     2. an unchanged closure: ``base`` resolved with the same classification keeps its determination;
-    3. Defender's own determination (``defender``, the raw Graph incident, which keeps classification and
-       determination even while reopened): kept if it had the same classification, or is valid for the new one;
+    3. Defender's own determination (``defender``, the raw Graph incident): kept as-is when Defender is resolved with
+       the same classification (the same closure), else kept when valid for the new classification (Defender keeps
+       its determination while reopened, so a Sentinel re-close does not lose it);
     4. ``base``'s determination if valid for the new classification;
     5. ``other`` (``unknown`` for classification ``unknown``).
     """
@@ -497,9 +498,12 @@ def _sentinel_determination(cls: str, labels: object, base: SyncedFields | None,
     if same_closure and base_det is not None:
         return base_det
     if defender is not None:
-        defender_cls = normalize_classification(defender.get("classification"))
+        current = from_defender(defender)
+        if current.status == RESOLVED and current.classification == cls and current.determination is not None:
+            return current.determination  # the same closure as Defender's: nothing to re-decide
+        # Open (or differently classified) in Defender: Defender still holds its last classification/determination.
         defender_det = normalize_determination(defender.get("determination"))
-        if defender_det != UNKNOWN and (defender_cls == cls or is_valid_determination(cls, defender_det)):
+        if is_valid_determination(cls, defender_det):
             return defender_det
     if base_det is not None and is_valid_determination(cls, base_det):
         return base_det
