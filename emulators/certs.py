@@ -134,6 +134,6 @@ def make_client_certificate(common_name: str = "defender-sync-app", key_size: in
         key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()),
         cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-        sha1_thumbprint=cert.fingerprint(hashes.SHA1()).hex(),  # noqa: S303 - x5t is defined as SHA-1
+        sha1_thumbprint=cert.fingerprint(hashes.SHA1()).hex(),
         sha256_thumbprint=cert.fingerprint(hashes.SHA256()).hex(),
     )

@@ -33,8 +33,9 @@ Emulator choices where the reference is silent (each one the *pessimistic* readi
   ``incidentNumber`` (as native incidents do), so an app must not read every ``providerIncidentId`` as a Defender ID.
 
 Errors use ARM's shape ``{"error": {"code", "message"}}``. Writes and rejected writes are counted per incident for
-the tests' "writes per synced change" figure. Fault injection: pass a :class:`FaultPlan` only when the server does not
-already apply faults for every service (otherwise they would be applied twice).
+the tests' "writes per synced change" figure. Fault injection: ``emulators/server.py`` already applies the shared
+:class:`FaultPlan` to every service (using :meth:`SentinelService.fault_body` for the error body), so behind that
+server construct the service with ``faults=None``; pass a plan only when calling :meth:`handle` directly.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ PROVIDER = "Microsoft.SecurityInsights"
 NATIVE_PROVIDER_NAME = "Azure Sentinel"
 XDR_PROVIDER_NAME = "Microsoft XDR"
 MAX_TOP = 1000
-MAX_COMMENT_CHARS = 30_000
+MAX_COMMENT_CHARS = 30_000      # counted in UTF-16 code units, as .NET strings are (an emoji counts 2)
 
 STATUSES = ("New", "Active", "Closed")
 SEVERITIES = ("High", "Medium", "Low", "Informational")
@@ -101,6 +102,11 @@ TICKS_PER_SECOND = 10_000_000
 
 
 # ---------------------------------------------------------------------------------------------------------- time
+
+
+def utf16_len(text: str) -> int:
+    """Length in UTF-16 code units (how Sentinel's .NET back end measures strings)."""
+    return len(text.encode("utf-16-le")) // 2
 
 
 def format_ticks(ticks: int) -> str:
@@ -221,8 +227,8 @@ class SentinelService:
     ``verifier(headers)`` checks the bearer token for the ARM audience and returns its claims, raising on a bad token
     (mapped to 401); ``None`` skips authentication. ``workspace_ids`` lists the workspaces that exist (others are
     404); ``None`` accepts any workspace and creates it on first use. ``faults``: consulted on every API request;
-    pass it only when the server does not apply the same plan generically. ``clock_ns`` returns nanoseconds since
-    the epoch (injectable; the service keeps its own clock strictly increasing).
+    leave it None behind ``emulators/server.py``, which applies the shared plan itself. ``clock_ns`` returns
+    nanoseconds since the epoch (injectable; the service keeps its own clock strictly increasing).
     """
 
     name = "sentinel"
@@ -359,8 +365,7 @@ class SentinelService:
                     time.sleep(fault.seconds)
                 elif fault.kind == "status":
                     headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
-                    code = "TooManyRequests" if fault.status == 429 else "InternalServerError"
-                    return _error(fault.status, code, "Injected fault.", headers)
+                    return EmuResponse(fault.status, self.fault_body(fault.status), headers)
                 elif fault.kind == "drop":
                     raise ConnectionAbortedError("injected fault: drop the connection")
         try:
@@ -369,6 +374,14 @@ class SentinelService:
             return self._route(request, claims)
         except _Reject as rej:
             return _error(rej.status, rej.code, rej.message, rej.headers)
+
+    def fault_body(self, status: int) -> dict[str, Any]:
+        """ARM's error body for an injected failure (the server calls this for the faults it applies)."""
+        code = {429: "TooManyRequests", 503: "ServiceUnavailable", 502: "BadGateway",
+                504: "GatewayTimeout"}.get(status, "InternalServerError")
+        message = ("The request was throttled. Please retry after the time in the Retry-After header."
+                   if status == 429 else f"Injected fault: HTTP {status}.")
+        return {"error": {"code": code, "message": message}}
 
     def _authenticate(self, request: EmuRequest) -> dict[str, Any]:
         if self.verifier is None:
@@ -598,9 +611,9 @@ class SentinelService:
             message = props.get("message") if isinstance(props, dict) else None
             if not isinstance(message, str) or not message:
                 raise _Reject(400, "BadRequest", "properties.message is required.")
-            if len(message) > MAX_COMMENT_CHARS:
-                raise _Reject(400, "BadRequest",
-                              f"properties.message is {len(message)} characters; the limit is {MAX_COMMENT_CHARS}.")
+            if utf16_len(message) > MAX_COMMENT_CHARS:
+                raise _Reject(400, "BadRequest", f"properties.message is {utf16_len(message)} characters; "
+                                                 f"the limit is {MAX_COMMENT_CHARS}.")
         except _Reject as rej:
             self._log_write(ws, inc.name, "comment", rej.status)
             raise
@@ -699,7 +712,7 @@ class SentinelService:
                         workspace: str | None = None) -> dict[str, Any]:
         """Play an analyst adding a comment (new random comment ID). Moves the incident's ``lastModifiedTimeUtc``
         only when ``comment_bumps_modified``."""
-        if not text or len(text) > MAX_COMMENT_CHARS:
+        if not text or utf16_len(text) > MAX_COMMENT_CHARS:
             raise ValueError(f"comment must have 1..{MAX_COMMENT_CHARS} characters")
         with self._lock:
             ws = self._workspace(workspace)

@@ -309,14 +309,21 @@ def _is_user_label(label: Mapping[str, Any]) -> bool:
     return kind is None or (isinstance(kind, str) and kind.lower() == "user")
 
 
-def user_tags_from_labels(labels: object) -> frozenset[str]:
-    """User tags in Sentinel labels: labels of type ``User`` (or untyped) less the app's own labels."""
+def user_tags_from_labels(labels: object, *, known_tags: Iterable[str] = ()) -> frozenset[str]:
+    """User tags in Sentinel labels: labels of type ``User`` (or untyped) less the app's own labels.
+
+    Sentinel keeps one label per name, and a name an automation rule assigned stays ``AutoAssigned`` even when the app
+    writes it as a user tag. So an ``AutoAssigned`` label also counts as a tag when its name is in ``known_tags`` (the
+    tag as known from the base or from Defender): it can neither add a tag nor make one look removed.
+    """
     if not isinstance(labels, list):
         return frozenset()
+    known = frozenset(known_tags)
     tags = set()
     for label in labels:
         name = _label_name(label)
-        if name is not None and isinstance(label, Mapping) and _is_user_label(label) and not is_app_label(name):
+        if (name is not None and isinstance(label, Mapping) and not is_app_label(name)
+                and (_is_user_label(label) or name in known)):
             tags.add(name)
     return frozenset(tags)
 
@@ -398,6 +405,11 @@ def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any])
     return patch
 
 
+def in_progress_fallback(patch: Mapping[str, Any]) -> dict[str, Any]:
+    """The PATCH to retry with when Graph refuses ``inProgress`` (not in its documented PATCH values): ``active``."""
+    return {**patch, "status": ACTIVE} if patch.get("status") == IN_PROGRESS else dict(patch)
+
+
 def _dedupe(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -407,7 +419,11 @@ def _dedupe(items: Iterable[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def sentinel_owner_identity(owner: object) -> str | None:
-    """The identity in a Sentinel owner object (``userPrincipalName``, else ``email``), lower-cased."""
+    """The identity in a Sentinel owner object (``userPrincipalName``, else ``email``), lower-cased.
+
+    ``assignedTo`` (a display name) and ``objectId`` are not identities Defender can take: an owner with neither UPN
+    nor email (e.g. a group) reads as no owner, and is left in place by :func:`to_sentinel_properties`.
+    """
     if not isinstance(owner, Mapping):
         return None
     for key in ("userPrincipalName", "email"):
@@ -423,10 +439,10 @@ def from_sentinel(properties: Mapping[str, Any], *, owner_map: OwnerMap, base: S
 
     Closed incidents get their determination from, in order:
 
-    1. a ``determination:<value>`` label valid for the classification (deprecated values tolerated, and the value in
-       ``base`` always accepted since the app wrote it); an invalid label is ignored and reported, except a stale
-       label the app wrote for the previous classification (``base``), which is ignored silently; with several valid
-       labels, the one that differs from ``base`` wins (it is the analyst's new one), else they are reported;
+    1. a ``determination:<value>`` label valid for the classification (deprecated values tolerated, and the value of
+       an unchanged closure always accepted since the app wrote it); an invalid label is ignored and reported, except
+       a stale label the app wrote for the previous classification (``base``), which is ignored silently; with several
+       valid labels the last one wins (an analyst's label comes after the app's: see :func:`sentinel_labels_stale`);
     2. an unchanged closure: ``base`` resolved with the same classification keeps its determination;
     3. Defender's own determination (``defender``, the raw Graph incident): kept as-is when Defender is resolved with
        the same classification (the same closure), else kept when valid for the new classification (Defender keeps
@@ -437,13 +453,16 @@ def from_sentinel(properties: Mapping[str, Any], *, owner_map: OwnerMap, base: S
     problems: list[str] = []
     raw_status = properties.get("status")
     status = _STATUS_FROM_SENTINEL.get(raw_status.strip().lower()) if isinstance(raw_status, str) else None
-    if status is None:
-        problems.append(f"unknown Sentinel status {raw_status!r}; read as New")
-        status = ACTIVE
     classification: str | None = None
     determination: str | None = None
     labels = properties.get("labels")
-    if status == RESOLVED:
+    if status is None:
+        # Unreadable status: treat the closure as unchanged (never reopen or close anything on a value we can't read).
+        problems.append(f"unknown Sentinel status {raw_status!r}; closure read as unchanged")
+        status = base.status if base is not None else ACTIVE
+        if base is not None:
+            classification, determination = base.classification, base.determination
+    elif status == RESOLVED:
         raw_cls = properties.get("classification")
         cls = _CLASSIFICATION_FROM_SENTINEL.get(raw_cls.strip().lower()) if isinstance(raw_cls, str) else None
         if cls is None:
@@ -457,9 +476,16 @@ def from_sentinel(properties: Mapping[str, Any], *, owner_map: OwnerMap, base: S
         owner=owner_map.to_defender(sentinel_owner_identity(properties.get("owner"))),
         classification=classification,
         determination=determination,
-        tags=user_tags_from_labels(labels),
+        tags=user_tags_from_labels(labels, known_tags=_known_tags(base, defender)),
     )
     return fields, problems
+
+
+def _known_tags(base: SyncedFields | None, defender: Mapping[str, Any] | None) -> frozenset[str]:
+    known = base.tags if base is not None else frozenset()
+    if defender is not None:
+        known = known | _user_tags_from_custom_tags(defender.get("customTags"))
+    return known
 
 
 def _determination_labels(labels: object) -> list[tuple[str, str]]:
@@ -475,33 +501,35 @@ def _determination_labels(labels: object) -> list[tuple[str, str]]:
 
 def _sentinel_determination(cls: str, labels: object, base: SyncedFields | None,
                             defender: Mapping[str, Any] | None, problems: list[str]) -> str:
-    base_closed = base is not None and base.status == RESOLVED
-    base_det = base.determination if base is not None and base_closed else None
-    same_closure = base_closed and base is not None and base.classification == cls
+    base_det = base.determination if base is not None and base.status == RESOLVED else None
+    # The determination of an unchanged closure (same classification as before, or as Defender has now): its value is
+    # accepted whatever it is, since it came from Defender, not from an analyst's label.
+    same_closure: str | None = None
+    if base is not None and base.status == RESOLVED and base.classification == cls:
+        same_closure = base.determination
+    defender_now = from_defender(defender) if defender is not None else None
+    defender_same: str | None = None
+    if defender_now is not None and defender_now.status == RESOLVED and defender_now.classification == cls:
+        defender_same = defender_now.determination
 
-    valid: list[str] = []
+    chosen: str | None = None
     for name, value in _determination_labels(labels):
-        if is_valid_determination(cls, value, tolerate_deprecated=True) or (same_closure and value == base_det):
-            if value not in valid:
-                valid.append(value)
+        if (is_valid_determination(cls, value, tolerate_deprecated=True)
+                or value in (same_closure, defender_same)):
+            # The last valid label wins: an analyst's label is appended after the one the app wrote. This depends on
+            # the labels alone (not on the base), so re-reading after the merge moved the base cannot flip it.
+            chosen = value
         elif value != base_det:  # a label the app wrote for an earlier classification is stale, not an error
             problems.append(f"ignored label {name!r}: not a valid determination for classification {cls!r} "
                             f"(valid: {', '.join(sorted(VALID_DETERMINATIONS[cls]))})")
-    if len(valid) == 1:
-        return valid[0]
-    if len(valid) > 1:
-        fresh = [v for v in valid if v != base_det]
-        if len(fresh) == 1:
-            return fresh[0]
-        problems.append(f"ignored conflicting determination labels {sorted(valid)}")
-
-    if same_closure and base_det is not None:
-        return base_det
+    if chosen is not None:
+        return chosen
+    if same_closure is not None:
+        return same_closure
+    if defender_same is not None:
+        return defender_same
     if defender is not None:
-        current = from_defender(defender)
-        if current.status == RESOLVED and current.classification == cls and current.determination is not None:
-            return current.determination  # the same closure as Defender's: nothing to re-decide
-        # Open (or differently classified) in Defender: Defender still holds its last classification/determination.
+        # Open (or classified differently) in Defender: Defender still holds its last determination.
         defender_det = normalize_determination(defender.get("determination"))
         if is_valid_determination(cls, defender_det):
             return defender_det
@@ -553,8 +581,9 @@ def to_sentinel_properties(incident: Mapping[str, Any], fields: SyncedFields, cu
         current_comment = current.get("classificationComment")
         if redirected:
             comment = redirect_comment(incident, surviving_sentinel_url=surviving_sentinel_url) or ""
-        elif same_cls and isinstance(current_comment, str) and current_comment.strip():
-            comment = current_comment
+        elif (same_cls and isinstance(current_comment, str) and current_comment.strip()
+              and not current_comment.endswith(_CLOSING_COMMENT_SUFFIX)):
+            comment = current_comment  # the analyst's closing note
         else:
             comment = _closing_comment(incident, fields)
         props["classificationComment"] = cut_text(comment, CLASSIFICATION_COMMENT_LIMIT)
@@ -562,22 +591,32 @@ def to_sentinel_properties(incident: Mapping[str, Any], fields: SyncedFields, cu
     owner_identity = owner_map.to_sentinel(fields.owner)
     current_owner = current.get("owner")
     props.pop("owner", None)
-    if owner_identity is not None:
-        if isinstance(current_owner, Mapping) and owner_map.to_defender(
-                sentinel_owner_identity(current_owner)) == fields.owner:
-            props["owner"] = dict(current_owner)
-        else:
-            props["owner"] = {"userPrincipalName": owner_identity, "email": owner_identity, "ownerType": "User"}
+    if isinstance(current_owner, Mapping) and owner_map.to_defender(
+            sentinel_owner_identity(current_owner)) == fields.owner:
+        # Same person (objectId, display name kept), or, with no owner, an owner object that reads as none (a group
+        # without an email): such an owner cannot be expressed in Defender and is not ours to remove.
+        props["owner"] = dict(current_owner)
+    elif owner_identity is not None:
+        props["owner"] = {"userPrincipalName": owner_identity, "email": owner_identity, "ownerType": "User"}
 
     props["labels"] = _labels(fields, current.get("labels"), tenant_name, redirected)
 
-    if "firstActivityTimeUtc" not in props or "lastActivityTimeUtc" not in props:
-        first, last = _activity_window(alert_list)
-        if first is not None:
-            props.setdefault("firstActivityTimeUtc", first)
-        if last is not None:
-            props.setdefault("lastActivityTimeUtc", last)
+    # Activity window: widened by the alerts' times, never narrowed (min/max keep it stable across rewrites).
+    first, last = _activity_window(alert_list)
+    for key, value, earliest in (("firstActivityTimeUtc", first, True), ("lastActivityTimeUtc", last, False)):
+        if value is not None:
+            props[key] = _widen(props.get(key), value, earliest=earliest)
     return props
+
+
+def _widen(current: object, candidate: str, *, earliest: bool) -> object:
+    if not isinstance(current, str):
+        return candidate
+    try:
+        now, new = parse_time(current), parse_time(candidate)
+    except ValueError:
+        return current
+    return candidate if (new < now if earliest else new > now) else current
 
 
 def _alerts_of(incident: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -597,23 +636,51 @@ def _closing_comment(incident: Mapping[str, Any], fields: SyncedFields) -> str:
     if (isinstance(resolving, str) and resolving.strip()
             and normalize_classification(incident.get("classification")) == fields.classification):
         return resolving
-    return f"Closed as {fields.classification} / {fields.determination} (synced by {SOURCE_LABEL})."
+    return f"Closed as {fields.classification} / {fields.determination}{_CLOSING_COMMENT_SUFFIX}"
 
 
-def _labels(fields: SyncedFields, current_labels: object, tenant_name: str, redirected: bool) -> list[dict[str, str]]:
-    labels = [{"labelName": tag, "labelType": "User"} for tag in sorted(fields.tags)]
-    if isinstance(current_labels, list):
-        # AutoAssigned labels belong to automation rules: carried over as they are, in their order.
-        for label in current_labels:
-            name = _label_name(label)
-            if name is not None and isinstance(label, Mapping) and not _is_user_label(label):
-                labels.append({"labelName": name, "labelType": str(label.get("labelType"))})
+_CLOSING_COMMENT_SUFFIX = f" (synced by {SOURCE_LABEL})."
+
+
+def app_labels(fields: SyncedFields, *, tenant_name: str, redirected: bool) -> list[str]:
+    """The app's own labels for an incident: source, tenant, ``redirected``, ``determination:<value>`` (closed)."""
     app = [SOURCE_LABEL, tenant_label(tenant_name)]
     if redirected:
         app.append(REDIRECTED_LABEL)
     if fields.status == RESOLVED and fields.determination not in (None, UNKNOWN):
         assert fields.determination is not None
         app.append(determination_label(fields.determination))
+    return app
+
+
+def sentinel_labels_stale(properties: Mapping[str, Any], fields: SyncedFields, *, tenant_name: str,
+                          redirected: bool) -> bool:
+    """Whether the app's own labels on a Sentinel incident differ from what the app would write for ``fields``.
+
+    The merge compares synced *values*: after an analyst adds a second ``determination:`` label, or reclassifies
+    while the old one stays, Sentinel already reads as the merged value, so the merge asks for no Sentinel write, but
+    the labels still show the old value. A caller that sees ``True`` here PUTs anyway (one write that repairs them);
+    afterwards this is ``False``, so it cannot cause repeated writes.
+    """
+    labels = properties.get("labels")
+    names = [_label_name(label) for label in labels] if isinstance(labels, list) else []
+    present = sorted(name for name in names if name is not None and is_app_label(name))
+    return present != sorted(app_labels(fields, tenant_name=tenant_name, redirected=redirected))
+
+
+def _labels(fields: SyncedFields, current_labels: object, tenant_name: str, redirected: bool) -> list[dict[str, str]]:
+    # AutoAssigned labels belong to automation rules: carried over as they are, in their order. Sentinel keeps one
+    # label per name, so a user tag or app label of the same name is not written twice.
+    auto: list[dict[str, str]] = []
+    if isinstance(current_labels, list):
+        for label in current_labels:
+            name = _label_name(label)
+            if name is not None and isinstance(label, Mapping) and not _is_user_label(label):
+                auto.append({"labelName": name, "labelType": str(label.get("labelType"))})
+    taken = {label["labelName"] for label in auto}
+    user = [name for name in sorted(fields.tags) if name not in taken]
+    app = [name for name in app_labels(fields, tenant_name=tenant_name, redirected=redirected) if name not in taken]
+    labels = [{"labelName": name, "labelType": "User"} for name in user] + auto
     labels.extend({"labelName": name, "labelType": "User"} for name in app)
     return labels
 
@@ -730,6 +797,18 @@ def redirect_comment_id(incident: Mapping[str, Any]) -> str:
     return comment_guid(key)
 
 
+def redirect_sentinel_comment(incident: Mapping[str, Any], *,
+                              surviving_sentinel_url: str | None = None) -> tuple[str, str] | None:
+    """``(comment ID, message)`` to PUT on the losing Sentinel incident (``None`` unless redirected).
+
+    The message carries the Defender origin marker, so the push back never copies it to Defender.
+    """
+    text = redirect_comment(incident, surviving_sentinel_url=surviving_sentinel_url)
+    if text is None:
+        return None
+    return redirect_comment_id(incident), mirrored_comment_text("defender", "Defender XDR", "", text)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Text size helpers
 # ---------------------------------------------------------------------------------------------------------------------
@@ -834,8 +913,8 @@ def comment_guid(key: str) -> str:
 def comment_marker(origin: Origin, author: str, created: str, key: str) -> str:
     """Origin marker line put before a mirrored comment, e.g. ``[Synced from Defender XDR · Jane · 2024-… · ref:…]``."""
     who = cut_text(_one_line(author).replace("[", "(").replace("]", ")"), _AUTHOR_LIMIT, "…") or "unknown"
-    when = _one_line(created).replace("]", ")") or "unknown time"
-    return f"[Synced from {_ORIGIN_NAMES[origin]} · {who} · {when} · ref:{key}]"
+    when = cut_text(_one_line(created).replace("[", "(").replace("]", ")"), 40, "…")
+    return f"[Synced from {_ORIGIN_NAMES[origin]} · {who}{f' · {when}' if when else ''} · ref:{key}]"
 
 
 def comment_limit_for(origin: Origin) -> int:

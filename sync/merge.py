@@ -12,7 +12,7 @@ Per field, comparing each side with ``base``:
 Field groups:
 
 * ``owner``: a plain value.
-* ``tags``: a set, merged element-wise: ``(base ∪ addsD ∪ addsS) − removesD − removesS``, so adds and removes made on
+* ``tags``: a set, merged element-wise: ``(base | addsD | addsS) - removesD - removesS``, so adds and removes made on
   both sides all survive and the result does not depend on which side is which. "One side adds X while the other
   removes X" cannot happen against one base: X was either in the base (it can only be removed) or not (it can only
   be added). A tag removed on one side and re-added on the other since the base is therefore simply absent on one

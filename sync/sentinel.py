@@ -25,7 +25,7 @@ from .timeutil import format_time
 log = logging.getLogger(__name__)
 
 MAX_TOP = 1000
-MAX_COMMENT_CHARS = 30_000
+MAX_COMMENT_CHARS = 30_000      # UTF-16 code units (Sentinel is .NET: a character outside the BMP counts 2)
 # Server-managed properties: ignored by ARM on PUT, stripped so the body carries only what the app means to set.
 READ_ONLY_PROPERTIES = frozenset({
     "createdTimeUtc", "lastModifiedTimeUtc", "incidentNumber", "incidentUrl", "providerName", "providerIncidentId",
@@ -177,8 +177,9 @@ class SentinelClient:
         idempotent. ``message`` must already fit Sentinel's limit (:data:`MAX_COMMENT_CHARS`)."""
         if not message:
             raise ValueError("comment message is empty")
-        if len(message) > MAX_COMMENT_CHARS:
-            raise ValueError(f"comment message has {len(message)} characters; Sentinel takes {MAX_COMMENT_CHARS}")
+        size = len(message.encode("utf-16-le")) // 2
+        if size > MAX_COMMENT_CHARS:
+            raise ValueError(f"comment message has {size} UTF-16 units; Sentinel takes {MAX_COMMENT_CHARS}")
         url = self._url(f"{_segment(name, 'incident name')}/comments/{_segment(comment_id, 'comment id')}")
         if self._write_limiter is not None:
             self._write_limiter.acquire(deadline)
