@@ -334,7 +334,7 @@ class GraphState:
         if not self.compress:
             return raw
         packer = _packer().copy()
-        return packer.compress(raw) + packer.flush()
+        return bytes(packer.compress(raw) + packer.flush())
 
     @staticmethod
     def _decode(blob: bytes) -> dict[str, Any]:
@@ -449,7 +449,7 @@ class GraphState:
         """Attach an alert to an incident; bumps the incident's ``lastUpdateDateTime``. Returns the alert."""
         with self.lock:
             doc = self._require(tenant_id, incident_id)
-            stamp = normalize_time(last_update) if last_update else self.clock.now()
+            stamp = normalize_time(last_update) or self.clock.now()
             normalized = self._normalize_alert(tenant_id, doc, dict(alert), stamp)
             doc.setdefault("alerts", []).append(normalized)
             doc["lastUpdateDateTime"] = stamp

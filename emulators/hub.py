@@ -260,7 +260,7 @@ def sentinel_factory(world: World, issuer: TokenIssuer, base_url: str) -> Servic
     try:
         service: Service = SentinelService(verifier, [world.sentinel_workspace_id], base_url=base_url)
     except TypeError:
-        service = SentinelService(world, verifier)  # type: ignore[call-arg,arg-type]
+        service = SentinelService(world, verifier)  # type: ignore[arg-type]
         if hasattr(service, "base_url"):
             service.base_url = base_url
     return service

@@ -10,12 +10,13 @@ from typing import Any
 
 import azure.functions as func
 
-from .budget import Deadline
+from .budget import BudgetExhausted, Deadline
 from .context import AppContext, get_context
 from .fanout import enqueue_tenants
+from .http import ApiError
 from .models import CycleSummary
 from .pull import TenantPull
-from .runner import run_cycle, status
+from .runner import describe_error, run_cycle, status
 from .settings import SettingsError, TenantConfig
 from .timeutil import parse_time, utcnow
 
@@ -140,6 +141,27 @@ def sync_run(req: func.HttpRequest) -> func.HttpResponse:
         return error_response(exc.status, exc.code, exc.message)
     _log_summary(summary)
     return json_response(summary.to_dict())
+
+
+def sentinel_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    """POST sentinel/incidents: the body only names the incident; both sides are re-read before anything changes."""
+    from .pushback import WebhookError, handle_webhook
+
+    try:
+        ctx = _context_or_error()
+        body = _json_body(req, ctx.settings.webhook_max_body_bytes)
+        answer = handle_webhook(ctx, body, Deadline(min(ctx.settings.time_budget_seconds, HTTP_BUDGET_CAP_SECONDS)))
+    except RequestError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except WebhookError as exc:
+        log.info("webhook rejected", extra={"action": "webhook", "outcome": exc.code})
+        return error_response(exc.status, exc.code, exc.message)
+    except (ApiError, BudgetExhausted) as exc:
+        # Transient or upstream failure: the Logic App retries, and the reconcile timer catches it regardless.
+        log.warning("webhook could not sync the incident", extra={"action": "webhook", "outcome": "upstream-error"})
+        return error_response(503, "upstream_unavailable", f"could not sync the incident now ({describe_error(exc)});"
+                                                           " it will be retried")
+    return json_response(answer)
 
 
 def sync_status(req: func.HttpRequest) -> func.HttpResponse:

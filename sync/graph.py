@@ -47,8 +47,9 @@ DEGRADED_ALERTS = "alerts-per-incident"
 
 #: Attempts for a downsized retry of a page that already failed through the full retry ladder.
 DEGRADED_ATTEMPTS = 2
-#: Offset passes over one tie set before giving up (each extra pass needs a record to have left the set).
-MAX_TIE_PASSES = 12
+#: Offset passes over one tie set that show no shrinking before giving up. A pass that saw the set shrink is
+#: progress (the set is finite), so only passes without it count; with a stable order among ties none happen.
+MAX_STALE_PASSES = 4
 MAX_PAGES_PER_PASS = 10_000
 
 
@@ -253,7 +254,8 @@ class GraphSecurityClient:
         filt = f"lastUpdateDateTime eq {ts}"
         key = canonical_time(ts)
         previous: int | None = None
-        for _ in range(MAX_TIE_PASSES):
+        stale = 0
+        while True:
             count, pages, ids, duplicate = 0, 0, set[str](), False
             link: str | None = None
             while True:
@@ -284,8 +286,12 @@ class GraphSecurityClient:
                 link = nxt
             if (pages == 1 or count == previous) and not duplicate:
                 return
+            if previous is not None and count >= previous:
+                stale += 1
+                if stale >= MAX_STALE_PASSES:
+                    raise GraphResponseError(f"tie set at {ts} did not stabilise: {stale} offset passes without "
+                                             "progress (the order among equal timestamps is not stable)")
             previous = count
-        raise GraphResponseError(f"tie set at {ts} did not stabilise after {MAX_TIE_PASSES} passes")
 
     def _list_page(self, mode: _WalkMode, filt: str, deadline: Deadline, next_link: str | None = None) -> _ListPage:
         """One incidents list request, degrading ($top halved, then no $expand) on persistent server errors."""
@@ -392,7 +398,7 @@ class GraphSecurityClient:
         # Alerts of one incident almost always fit one page (a snapshot). When they do not, offset pages can shift
         # if an alert changes mid-read, so re-read until a pass returns the same count with no duplicates.
         previous: int | None = None
-        for _ in range(MAX_TIE_PASSES):
+        for _ in range(MAX_STALE_PASSES):
             records: list[dict[str, Any]] = []
             ids: set[str] = set()
             duplicate = False
@@ -417,7 +423,7 @@ class GraphSecurityClient:
             if (pages == 1 or len(records) == previous) and not duplicate:
                 return _normalise_alerts(records, f"alerts of incident {incident_id}")
             previous = len(records) if not duplicate else None
-        raise GraphResponseError(f"alerts of incident {incident_id} did not stabilise after {MAX_TIE_PASSES} passes")
+        raise GraphResponseError(f"alerts of incident {incident_id} did not stabilise after {MAX_STALE_PASSES} passes")
 
     def update_incident(self, incident_id: str, changes: dict[str, Any], *, deadline: Deadline) -> dict[str, Any]:
         """PATCH the given fields (camelCase Graph names) and return the incident as Graph now has it."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,6 +34,7 @@ SLICE = timedelta(days=1)
 LEASE_SECONDS = 60.0
 LEASE_RENEW_BELOW = 40.0
 STEP_RESERVE_SECONDS = 3.0
+DEAD_LETTER_RETRIES_PER_RUN = 20
 
 IncidentHook = Callable[[TenantConfig, dict[str, Any], TenantSummary, Deadline], None]
 
@@ -68,6 +69,7 @@ class TenantPull:
         self._slices: list[_Slice] = []
         self._current: _Slice | None = None
         self._pages: Iterator[IncidentPage] | None = None
+        self._retried = since is not None  # a one-off re-read leaves dead letters to the regular runs
         self._graph = ctx.graph(tenant.tenant_id)
         self._stats_base = (self._graph_stats().requests, self._graph_stats().throttled)
 
@@ -121,6 +123,10 @@ class TenantPull:
         assert self._state is not None and self._lease is not None
         self.deadline.check(STEP_RESERVE_SECONDS)
         self._keep_lease()
+        if not self._retried:
+            self._retried = True
+            self._retry_dead_letters()
+            return True
         if self._pages is None:
             if not self._slices:
                 return False
@@ -133,7 +139,8 @@ class TenantPull:
         except StopIteration:
             self._complete_slice()
             return bool(self._slices)
-        self._process(page)
+        self.summary.pages += 1
+        self._process(page.incidents)
         self._checkpoint(page.position)
         return True
 
@@ -166,8 +173,8 @@ class TenantPull:
     # ------------------------------------------------------------------ internals
     def _keep_lease(self) -> None:
         assert self._lease is not None
-        if (self._lease.expires_at - utcnow()).total_seconds() < LEASE_RENEW_BELOW:
-            if not self.ctx.state.renew_lease(self._lease, LEASE_SECONDS):
+        if ((self._lease.expires_at - utcnow()).total_seconds() < LEASE_RENEW_BELOW
+                and not self.ctx.state.renew_lease(self._lease, LEASE_SECONDS)):
                 raise LeaseLost("the tenant's lease was lost to another instance")
 
     def _complete_slice(self) -> None:
@@ -194,11 +201,28 @@ class TenantPull:
         state.position = position.to_dict()
         self.ctx.state.save_tenant(state)
 
-    def _process(self, page: IncidentPage) -> None:
+    def _retry_dead_letters(self) -> None:
+        """Retry incidents whose alerts could not be read, and mirrors that failed, before new work."""
+        store = self.ctx.state
+        letters = [d for d in store.dead_letters(self.tenant.tenant_id, pending_only=True)
+                   if d.kind in ("incident", "mirror")][:DEAD_LETTER_RETRIES_PER_RUN]
+        for letter in letters:
+            self.deadline.check(STEP_RESERVE_SECONDS)
+            incident = self._graph.get_incident(letter.key, deadline=self.deadline, expand_alerts=True)
+            if incident is None:
+                store.resolve_dead_letter(self.tenant.tenant_id, letter.kind, letter.key)
+                continue
+            if letter.kind == "incident":
+                self._process(incident for incident in [incident])
+                if "_alertsError" not in incident:
+                    store.resolve_dead_letter(self.tenant.tenant_id, "incident", letter.key)
+            elif self.hook is not None and self.tenant.mirrors and passes_filters(self.tenant, incident):
+                self.hook(self.tenant, incident, self.summary, self.deadline)
+
+    def _process(self, page: Iterable[dict[str, Any]]) -> None:
         tenant = self.tenant
         store = self.ctx.state
-        self.summary.pages += 1
-        incidents = [i for i in page.incidents if isinstance(i, dict)]
+        incidents = [i for i in page if isinstance(i, dict)]
         versions = store.get_versions(tenant.tenant_id, [str(i.get("id")) for i in incidents])
         read_at = utcnow()
         rows: dict[str, list[dict[str, Any]]] = {"DefenderIncidents_CL": [], "DefenderAlerts_CL": [],

@@ -34,6 +34,7 @@ INCIDENTS = "syncIncidents"
 LEASES = "syncLeases"
 DEAD_LETTERS = "syncDeadLetters"
 LINKS = "syncLinks"
+NAME_INDEX = "~sentinel-name"  # partition of the links table indexing Sentinel incident names
 ALL_TABLES = (TENANTS, INCIDENTS, LEASES, DEAD_LETTERS, LINKS)
 
 BATCH_LIMIT = 100           # Table service transaction limit
@@ -80,10 +81,7 @@ class TenantState:
     slice_lower: str | None = None
     slice_upper: str | None = None
     position: dict[str, Any] | None = None
-    reconcile_cursor: str | None = None
-    sweep_cursor: str | None = None
     last_run: dict[str, Any] | None = None
-    builtin_connector_noted: bool = False
     etag: str | None = None
 
 
@@ -161,10 +159,7 @@ class StateStore:
             slice_lower=e.get("SliceLower") or None,
             slice_upper=e.get("SliceUpper") or None,
             position=_join_json("Position", e, None),
-            reconcile_cursor=e.get("ReconcileCursor") or None,
-            sweep_cursor=e.get("SweepCursor") or None,
             last_run=_join_json("LastRun", e, None),
-            builtin_connector_noted=bool(e.get("BuiltinConnectorNoted", False)),
             etag=e.metadata.get("etag"),
         )
 
@@ -173,8 +168,6 @@ class StateStore:
         entity: dict[str, Any] = {
             "PartitionKey": "tenant", "RowKey": _key(state.tenant_id), "TenantId": state.tenant_id,
             "Cursor": state.cursor or "", "SliceLower": state.slice_lower or "", "SliceUpper": state.slice_upper or "",
-            "ReconcileCursor": state.reconcile_cursor or "", "SweepCursor": state.sweep_cursor or "",
-            "BuiltinConnectorNoted": state.builtin_connector_noted,
         }
         entity.update(_split_json("Position", state.position))
         entity.update(_split_json("LastRun", state.last_run))
@@ -306,6 +299,32 @@ class StateStore:
         except ResourceNotFoundError:
             pass
 
+    # ----------------------------------------------------------------- markers (other per-tenant progress)
+    def get_marker(self, kind: str, tenant_id: str) -> dict[str, Any]:
+        """A small JSON record per tenant kept apart from the pull's progress (e.g. the reconcile cursor)."""
+        pk, rk = _marker_key(kind, tenant_id)
+        try:
+            e = self.table(TENANTS).get_entity(pk, rk)
+        except ResourceNotFoundError:
+            return {}
+        value = _join_json("Value", e, {})
+        return value if isinstance(value, dict) else {}
+
+    def set_marker(self, kind: str, tenant_id: str, value: dict[str, Any]) -> None:
+        pk, rk = _marker_key(kind, tenant_id)
+        entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": rk}
+        entity.update(_split_json("Value", value))
+        self.table(TENANTS).upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+    def note_once(self, kind: str, tenant_id: str) -> bool:
+        """True the first time ``kind`` is noted for the tenant, False ever after (for say-it-once reports)."""
+        pk, rk = _marker_key(f"note|{kind}", tenant_id)
+        try:
+            self.table(TENANTS).create_entity({"PartitionKey": pk, "RowKey": rk, "NotedAt": format_time(utcnow())})
+        except ResourceExistsError:
+            return False
+        return True
+
     # ----------------------------------------------------------------- links (mirror state)
     def get_link(self, tenant_id: str, incident_id: str) -> dict[str, Any] | None:
         try:
@@ -314,25 +333,48 @@ class StateStore:
             return None
         return {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
 
-    def save_link(self, tenant_id: str, incident_id: str, link: dict[str, Any], *,
-                  sentinel_name: str | None = None) -> None:
+    def save_link(self, tenant_id: str, incident_id: str, link: dict[str, Any], *, etag: str | None) -> bool:
+        """Write a link; ``etag`` is the version read (None: create). False when another writer got there first."""
         body = {k: v for k, v in link.items() if k != "etag"}
         entity: dict[str, Any] = {"PartitionKey": _key(tenant_id), "RowKey": _key(incident_id),
-                                  "IncidentId": incident_id,
-                                  "SentinelName": sentinel_name or body.get("sentinelName", "")}
+                                  "IncidentId": incident_id, "SentinelName": str(body.get("sentinelName", ""))}
         entity.update(_split_json("Link", body))
-        self.table(LINKS).upsert_entity(entity, mode=UpdateMode.REPLACE)
+        table = self.table(LINKS)
+        try:
+            if etag is None:
+                # The name index first: a crash in between leaves an index row that points at no link (harmless).
+                table.upsert_entity({"PartitionKey": NAME_INDEX, "RowKey": _key(entity["SentinelName"].lower()),
+                                     "TenantId": tenant_id, "IncidentId": incident_id}, mode=UpdateMode.REPLACE)
+                table.create_entity(entity)
+            else:
+                table.update_entity(entity, mode=UpdateMode.REPLACE, etag=etag,
+                                    match_condition=MatchConditions.IfNotModified)
+        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+            return False
+        return True
 
     def find_link_by_sentinel_name(self, sentinel_name: str) -> tuple[str, str, dict[str, Any]] | None:
         """(tenant ID, incident ID, link) for a Sentinel incident name, or None if the app does not mirror it."""
-        for e in self.table(LINKS).query_entities("SentinelName eq @n", parameters={"n": sentinel_name}):
-            tenant = str(e["PartitionKey"])
-            return tenant, str(e["IncidentId"]), {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
-        return None
+        try:
+            index = self.table(LINKS).get_entity(NAME_INDEX, _key(sentinel_name.lower()))
+        except ResourceNotFoundError:
+            return None
+        tenant_id, incident_id = str(index["TenantId"]), str(index["IncidentId"])
+        link = self.get_link(tenant_id, incident_id)
+        return (tenant_id, incident_id, link) if link is not None else None
 
-    def iter_links(self, tenant_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        for e in self.table(LINKS).query_entities("PartitionKey eq @pk", parameters={"pk": _key(tenant_id)}):
+    def iter_links(self, tenant_id: str, after: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+        """The tenant's links in key order, starting after the incident ID ``after`` (for a resumable sweep)."""
+        query, params = "PartitionKey eq @pk", {"pk": _key(tenant_id)}
+        if after:
+            query += " and RowKey gt @after"
+            params["after"] = _key(after)
+        for e in self.table(LINKS).query_entities(query, parameters=params):
             yield str(e["IncidentId"]), {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
+
+
+def _marker_key(kind: str, tenant_id: str) -> tuple[str, str]:
+    return _key(f"marker|{kind}"), _key(tenant_id)
 
 
 def run_record(started: datetime, finished: datetime, outcome: str, summary: dict[str, Any]) -> dict[str, Any]:

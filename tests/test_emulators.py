@@ -484,7 +484,7 @@ def test_world_api_redirect_ties_and_delete(world: World) -> None:
 
 
 def test_faults_status_retry_after_drop_delay(emulators: EmulatorHub) -> None:
-    tenant, graph = setup_tenant(emulators)
+    _, graph = setup_tenant(emulators)
     graph.credential.get_token(f"{graph.base}/.default")            # token first: faults target Graph only
     emulators.faults.queue("graph", Fault("status", 429, retry_after="3"))
     emulators.faults.queue("graph", Fault("status", 503))
@@ -563,7 +563,8 @@ def test_generator_is_seeded_lazy_and_realistic() -> None:
                    if e["@odata.type"].endswith("fileEvidence"))
     assert set(file_ev["fileDetails"]) >= {"fileName", "filePath", "sha1", "sha256", "md5"}
     text = json.dumps(incidents, ensure_ascii=False)
-    assert any("\u4e00" <= ch <= "\u9fff" for ch in text) and "🔥" in text and "\u05d0" <= max(text)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in text) and "🔥" in text                # CJK, emoji
+    assert any("\u0590" <= ch <= "\u06ff" for ch in text)                                  # Hebrew/Arabic (RTL)
     assert any(i["description"] is None for i in incidents) and any(i["comments"] for i in incidents)
     for i in incidents:
         assert i["createdDateTime"] <= i["lastUpdateDateTime"] <= format_ticks(parse_ticks(end.isoformat()))

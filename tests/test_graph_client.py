@@ -12,7 +12,7 @@ import json
 import random
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
@@ -101,6 +101,7 @@ class FakeGraph:
         path = parts.path
         if path == "/v1.0/security/incidents" and method == "GET":
             self.list_requests += 1
+            assert self.list_requests < 5000, "runaway walk: the client is not making progress"
             for hook in self.before_list:
                 hook(self, self.list_requests)
         if self.queued:
@@ -382,7 +383,7 @@ def test_tie_mode_follows_nextlink_and_refuses_foreign_links() -> None:
             body["@odata.nextLink"] = body["@odata.nextLink"].replace(ENDPOINT, "https://evil.example")
         return make_response(200, body)
     graph._list = evil  # type: ignore[method-assign]
-    with pytest.raises(GraphResponseError, match="outside https://graph.test"):
+    with pytest.raises(GraphResponseError, match=r"outside https://graph\.test"):
         walk(make_client(graph, page_size=2))
 
 
@@ -637,10 +638,10 @@ def test_add_comment_validates_the_response() -> None:
 
 def test_graph_time_formats_seven_digits() -> None:
     assert graph_time(datetime(2024, 5, 6, 10, 0, 1, 123456, tzinfo=UTC)) == "2024-05-06T10:00:01.1234560Z"
-    assert graph_time(datetime(2024, 5, 6, 12, 0, tzinfo=UTC) .astimezone(
-        __import__("datetime").timezone(timedelta(hours=2)))) == "2024-05-06T12:00:00.0000000Z"
+    assert graph_time(datetime(2024, 5, 6, 12, 0, tzinfo=UTC).astimezone(timezone(timedelta(hours=2)))) \
+        == "2024-05-06T12:00:00.0000000Z"
     with pytest.raises(ValueError):
-        graph_time(datetime(2024, 5, 6))  # noqa: DTZ001
+        graph_time(datetime(2024, 5, 6))
 
 
 def test_random_sanity_many_walks_with_shuffled_ties() -> None:
@@ -662,3 +663,148 @@ def test_random_sanity_many_walks_with_shuffled_ties() -> None:
         graph.before_list.append(hook)
         got = ids_of(walk(make_client(graph, page_size=rng.choice([5, 10, 50]))))
         assert len(got) == len(set(got)) and (initially - moved) <= set(got) <= initially
+
+
+# ---------------------------------------------------------------------------------------------- end to end (HTTPS)
+# The real thing: azure-identity's ClientSecretCredential against the Entra emulator, BearerSession over HTTPS to the
+# Graph emulator (offset nextLink, ties by ID, faults), with updates landing between the client's pages.
+
+def _emulated_client(hub: Any, *, page_size: int = 50, min_page_size: int = 5,
+                     sleeps: list[float] | None = None) -> tuple[str, GraphSecurityClient]:
+    import secrets as _secrets
+
+    from azure.identity import ClientSecretCredential
+
+    world = hub.world
+    tenant = world.add_tenant(name="Contoso")
+    secret = _secrets.token_urlsafe(24)
+    app = world.register_app(secret=secret, tenants=[tenant], display_name="defender-sentinel-sync")
+    credential = ClientSecretCredential(tenant, app.client_id, secret, authority=hub.endpoints.authority_host,
+                                        disable_instance_discovery=True)
+    session = BearerSession(credential, f"{hub.endpoints.graph}/.default",
+                            policy=RetryPolicy(max_attempts=3, backoff_base=0.0),
+                            sleep=(sleeps if sleeps is not None else []).append)
+    return tenant, GraphSecurityClient(session, hub.endpoints.graph, page_size=page_size, min_page_size=min_page_size)
+
+
+def _e2e_walk(client: GraphSecurityClient, lower: datetime, upper: datetime) -> list[IncidentPage]:
+    return list(client.iter_incident_pages(lower, upper, deadline=Deadline(60)))
+
+
+def _window_now() -> tuple[datetime, datetime]:
+    upper = datetime.now(UTC)
+    return upper - timedelta(days=7), upper
+
+
+def test_e2e_walk_with_updates_between_pages_loses_nothing(emulators: Any) -> None:
+    """A generated tenant (ties of 2-5 included), pages of 4, and after every page the emulator updates the page's
+    last incident: the exact move that makes offset paging skip its neighbour."""
+    tenant, client = _emulated_client(emulators, page_size=4, min_page_size=2)
+    world = emulators.world
+    world.generate(11, tenant, 160, profile="small")
+    lower, upper = _window_now()
+    initially = set(world.incident_ids(tenant))
+    moved: set[str] = set()
+
+    def bump(page: Any) -> None:
+        if page.ids:
+            moved.add(page.ids[-1])
+            world.update_incident(tenant, page.ids[-1], severity="high")
+    world.after_page(1, bump, tenant_id=tenant, once=False)
+    pages = _e2e_walk(client, lower, upper)
+    world.graph.clear_hooks()
+    got = ids_of(pages)
+    assert len(got) == len(set(got))
+    assert initially - moved <= set(got) <= initially
+    assert len(moved) > 20
+    for inc in (i for p in pages for i in p.incidents if i["id"] not in moved):
+        stored = world.get_incident(tenant, inc["id"])
+        assert [a["id"] for a in inc["alerts"]] == [a["id"] for a in stored["alerts"]]
+        assert inc["lastUpdateDateTime"] == stored["lastUpdateDateTime"]
+    assert sum(p.requests for p in pages) == client.stats.requests
+
+
+def test_e2e_tie_storm_with_updates_during_the_tie_passes(emulators: Any) -> None:
+    tenant, client = _emulated_client(emulators, page_size=5, min_page_size=5)
+    world = emulators.world
+    lower, upper = _window_now()
+    tie = graph_time(upper - timedelta(hours=1))
+    for k in range(1, 41):
+        world.add_incident(tenant, {"id": str(k), "lastUpdateDateTime": tie if k <= 33 else
+                                    graph_time(upper - timedelta(hours=k))})
+    moved: set[str] = set()
+
+    def bump(page: Any) -> None:   # move an already-returned tie incident: later offsets shift down
+        if page.number in (3, 5, 7) and page.ids:
+            moved.add(page.ids[0])
+            world.update_incident(tenant, page.ids[0])
+    world.after_page(1, bump, tenant_id=tenant, once=False)
+    pages = _e2e_walk(client, lower, upper)
+    world.graph.clear_hooks()
+    got = ids_of(pages)
+    assert len(got) == len(set(got)) and {str(k) for k in range(1, 41)} - moved <= set(got)
+    assert len(moved) == 3
+    served = [e.query.get("$filter", [""])[0] for e in emulators.log.entries(service="graph", method="GET")]
+    assert f"lastUpdateDateTime eq {tie}" in served          # the tie set was read by offset passes
+    assert served[-1].endswith(f"lastUpdateDateTime lt {tie}") or tie not in served[-1]
+
+
+def test_e2e_expand_failure_degrades_to_smaller_pages_then_alerts_v2(emulators: Any) -> None:
+    from emulators.base import Fault
+    from emulators.graph import expand_alerts_page_over
+
+    tenant, client = _emulated_client(emulators, page_size=50, min_page_size=5)
+    world = emulators.world
+    world.generate(5, tenant, 40, profile="small")
+    lower, upper = _window_now()
+    emulators.faults.rule("graph", expand_alerts_page_over(12), Fault("status", 500))
+    pages = _e2e_walk(client, lower, upper)
+    assert {p.degraded for p in pages} == {DEGRADED_SMALLER}
+    assert sorted(ids_of(pages)) == sorted(world.incident_ids(tenant))
+
+    emulators.faults.clear()
+    emulators.faults.rule("graph", expand_alerts_page_over(0), Fault("status", 500))
+    pages = _e2e_walk(client, lower, upper)
+    assert {p.degraded for p in pages} == {DEGRADED_ALERTS}
+    incidents = {i["id"]: i for p in pages for i in p.incidents}
+    assert sorted(incidents) == sorted(world.incident_ids(tenant))
+    for iid, inc in incidents.items():
+        stored = world.get_incident(tenant, iid)
+        assert sorted(a["id"] for a in inc["alerts"]) == sorted(a["id"] for a in stored["alerts"])
+        assert all(isinstance(a["evidence"], list) for a in inc["alerts"])
+
+
+def test_e2e_429_retry_after_is_honoured(emulators: Any) -> None:
+    from emulators.base import Fault
+
+    sleeps: list[float] = []
+    tenant, client = _emulated_client(emulators, sleeps=sleeps)
+    emulators.world.add_incident(tenant, {"id": "7"})
+    lower, upper = _window_now()
+    client.session._credential.get_token(f"{emulators.endpoints.graph}/.default")   # token first: fault hits Graph
+    emulators.faults.queue("graph", Fault("status", 429, retry_after="2"))
+    pages = _e2e_walk(client, lower, upper)
+    assert ids_of(pages) == ["7"] and sleeps == [2.0]
+    assert client.stats.throttled == 1 and pages[0].requests == 2
+
+
+def test_e2e_single_incident_operations(emulators: Any) -> None:
+    tenant, client = _emulated_client(emulators)
+    world = emulators.world
+    world.add_incident(tenant, {"id": "42", "status": "awaitingAction",
+                                "alerts": [{"id": f"da42_{k}", "evidence": []} for k in range(60)]})
+    got = client.get_incident("42", deadline=Deadline(30))
+    assert got is not None and got["status"] == "awaitingAction"    # Prefer: include-unknown-enum-members sent
+    assert len(got["alerts"]) == 60
+    assert client.get_incident("404", deadline=Deadline(30)) is None
+    alerts = client.list_alerts("42", deadline=Deadline(30))       # 2 pages of the default 50, re-checked
+    assert sorted(a["id"] for a in alerts) == sorted(f"da42_{k}" for k in range(60))
+    updated = client.update_incident("42", {"status": "resolved", "classification": "truePositive",
+                                            "determination": "malware"}, deadline=Deadline(30))
+    assert updated["status"] == "resolved" and updated["determination"] == "malware"
+    assert updated["lastModifiedBy"] == "defender-sentinel-sync"
+    comments = client.add_comment("42", "closed by the SOC", deadline=Deadline(30))
+    assert comments[-1]["comment"] == "closed by the SOC" and "createdByDisplayName" in comments[-1]
+    with pytest.raises(ApiError) as err:
+        client.update_incident("42", {"severity": "high"}, deadline=Deadline(30))   # read-only in v1.0
+    assert err.value.status == 400

@@ -613,7 +613,7 @@ def test_function_app_runs_on_flex_consumption_with_its_identity() -> None:
     policies = {body(a)["name"]: body(a)["properties"]["allow"] for a in
                 resources_of_type(document, "Microsoft.Web/sites/basicPublishingCredentialsPolicies").values()}
     assert policies == {"ftp": False, "scm": False}
-    assert render(site["tags"]).endswith("{azd-service-name: api})") or "azd-service-name" in render(site["tags"])
+    assert "{'azd-service-name': api}" in render(site["tags"]), "azd finds the app by this tag (azure.yaml service)"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,8 +37,11 @@ STREAM = "Custom-DefenderIncidents"
 SDK_LIMIT = 1_048_576
 
 
+NOW = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # recent: Log Analytics keeps TimeGenerated
+
+
 def make_row(i: int, pad: int = 0, unit: str = "x") -> dict[str, Any]:
-    return {"TimeGenerated": "2026-05-01T12:00:00Z", "RecordId": f"r{i}", "DefenderTenantId": "t",
+    return {"TimeGenerated": NOW, "RecordId": f"r{i}", "DefenderTenantId": "t",
             "TenantName": "n", "IncidentId": str(i), "Description": unit * pad}
 
 
@@ -384,8 +387,86 @@ def test_real_client_schema_400_isolates_the_bad_row(fake: FakeIngestion) -> Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# End to end through the shared emulators (skipped until they exist)
+# End to end: rows.py -> LogsSink -> real LogsIngestionClient -> the shared Logs Ingestion emulator
+# (HTTPS, managed-identity token, gzip, 1 MiB limit, schema validation against infra/tables).
 
 
-def test_logs_sink_emulator_placeholder() -> None:
-    """Placeholder replaced by the emulator end-to-end test once emulators/ingestion.py lands."""
+def emulator_sink(hub: Any, **kwargs: Any) -> LogsSink:
+    from azure.identity import ManagedIdentityCredential
+
+    from emulators.ingestion import INGESTION_AUDIENCE
+
+    options: dict[str, Any] = {"retry_backoff_factor": 0.01}
+    options.update(kwargs)
+    return LogsSink(hub.endpoints.ingestion, hub.endpoints.dcr_immutable_id, ManagedIdentityCredential(),
+                    scope=f"{INGESTION_AUDIENCE}/.default", **options)
+
+
+def generated_rows(count: int = 40, seed: int = 11) -> dict[str, list[dict[str, Any]]]:
+    from dataclasses import replace
+
+    from emulators.generator import PROFILES, generate_incidents
+    from sync.rows import rows_for_incident
+
+    read_at = dt.datetime.now(dt.UTC)
+    tables: dict[str, list[dict[str, Any]]] = {}
+    # The realistic profile, with a big incident and values over 64 KB made frequent enough to appear in 40.
+    profile = replace(PROFILES["realistic"], huge_rate=0.15, big_rate=0.05)
+    for incident in generate_incidents(seed, "7f1c6d1e-0000-4000-8000-0000000000aa", count, profile=profile):
+        for table, rows in rows_for_incident(incident, tenant_id="7f1c6d1e-0000-4000-8000-0000000000aa",
+                                             tenant_name="Fabrikam", read_at=read_at).items():
+            tables.setdefault(table, []).extend(rows)
+    return tables
+
+
+def test_emulator_end_to_end_generated_incidents(emulators: Any, managed_identity_env: dict[str, str]) -> None:
+    tables = generated_rows()
+    sink = emulator_sink(emulators)
+    total = UploadResult()
+    for table, rows in tables.items():
+        total.merge(result := sink.upload(table, rows))
+        assert result.ok, result.errors
+        assert emulators.world.rows(table) == rows  # every row stored, in order, values unchanged
+    stats = emulators.world.ingestion.stats
+    assert stats.rejected == 0 and stats.accepted == total.requests == total.attempts
+    assert emulators.world.violations == []  # nothing over the 64 KB field limit reached the service
+    assert stats.bytes_uncompressed == total.bytes and stats.bytes_sent < stats.bytes_uncompressed  # gzip
+    assert total.requests > 3  # the evidence table alone needs several requests
+    truncated = [r for rows in tables.values() for r in rows if "TruncatedFields" in r]
+    assert truncated, "the realistic profile includes values over 64 KB"
+
+
+def test_emulator_persistent_500_reports_failed_rows(emulators: Any, managed_identity_env: dict[str, str]) -> None:
+    from emulators.base import Fault, match_request
+
+    rows = [make_row(i, 50_000) for i in range(40)]  # several requests' worth
+    emulators.faults.rule("ingestion", match_request(method="POST", path="^/dataCollectionRules/"),
+                          Fault("status", 500))
+    result = emulator_sink(emulators, retry_total=2).upload(TABLE, rows)
+    assert result.failed_rows == rows and result.rows == 0
+    assert result.requests == 1 and result.attempts == 3  # one call, 2 retries, the rest not sent
+    assert "HTTP 500" in result.errors[0] and any("earlier failure" in e for e in result.errors)
+    assert emulators.world.rows(TABLE) == []
+    # The next run re-sends exactly the failed rows once the service is back.
+    emulators.faults.clear()
+    again = emulator_sink(emulators).upload(TABLE, result.failed_rows)
+    assert again.ok and emulators.world.rows(TABLE) == rows
+
+
+def test_emulator_transient_faults_are_retried(emulators: Any, managed_identity_env: dict[str, str]) -> None:
+    from emulators.base import Fault
+
+    emulators.faults.queue("ingestion", Fault("status", 503), times=2)
+    emulators.faults.queue("ingestion", Fault("status", 429, retry_after="1"))
+    result = emulator_sink(emulators).upload(TABLE, [make_row(1), make_row(2)])
+    assert result.ok and result.requests == 1 and result.attempts == 4 and result.throttled == 1
+    assert emulators.world.rows(TABLE) == [make_row(1), make_row(2)]
+
+
+def test_emulator_schema_rejection_isolates_the_bad_row(emulators: Any, managed_identity_env: dict[str, str]) -> None:
+    rows = [make_row(i) for i in range(20)]
+    rows[13]["AlertCount"] = "2"  # wrong type: the service answers 400 for the whole request
+    result = emulator_sink(emulators).upload(TABLE, rows)
+    assert result.failed_rows == [rows[13]]
+    assert "InvalidPayload" in result.errors[0] and "AlertCount" in result.errors[0]
+    assert emulators.world.rows(TABLE) == rows[:13] + rows[14:]

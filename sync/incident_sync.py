@@ -1,0 +1,330 @@
+"""Two-way sync of one incident: the single place where both sides are read, merged and written.
+
+The pull's mirror hook, the webhook, the reconcile listing and the sweep all call :meth:`IncidentSyncer.sync`, so
+every path applies the same rules:
+
+1. read the link (Sentinel name + the *base*: the synced values both sides last agreed on);
+2. read Defender (Graph) and the mirror (Sentinel) as they are now, never trusting a caller's copy of Sentinel;
+3. three-way merge per field (:mod:`sync.merge`); a value the app wrote and reads back equals the base, so it is
+   not a change: no echo, and a quiet system makes no writes;
+4. write the mirror (GET-merge-PUT with the ETag) and Defender (PATCH) only where they differ from the merged value;
+5. copy new comments each way (deterministic IDs and origin markers: never twice, never back);
+6. store the new base with the link's ETag, so two concurrent syncs of one incident cannot both commit a stale base.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .budget import Deadline
+from .context import AppContext
+from .http import ApiError
+from .mapping import (
+    OwnerMap,
+    SyncedFields,
+    comment_guid,
+    comment_key,
+    defender_comment_parts,
+    from_defender,
+    from_sentinel,
+    is_mirrored_comment,
+    is_redirected,
+    mirrored_comment_key,
+    mirrored_comment_text,
+    redirect_sentinel_comment,
+    to_defender_patch,
+    to_sentinel_properties,
+)
+from .merge import MergeResult, merge
+from .mirror_target import MirrorTarget, SentinelTarget
+from .settings import TenantConfig
+from .timeutil import canonical_time, parse_time
+
+log = logging.getLogger(__name__)
+
+LINK_ACTIVE = "active"
+LINK_BUILTIN = "builtin"          # the built-in connector mirrors it: hands off
+LINK_DELETED = "deleted"          # the Sentinel incident was deleted: not recreated
+LINK_GONE = "gone"                # the Defender incident is gone (404): link ended
+INACTIVE_LINKS = frozenset({LINK_BUILTIN, LINK_DELETED, LINK_GONE})
+MAX_LINK_RACES = 3
+
+
+@dataclass
+class SyncOutcome:
+    """What one sync did. ``result``: applied | unchanged | ignored | created."""
+
+    tenant_id: str
+    incident_id: str
+    result: str
+    reason: str | None = None
+    sentinel_name: str | None = None
+    sentinel_etag: str | None = None
+    defender_changes: dict[str, Any] = field(default_factory=dict)
+    sentinel_changes: dict[str, Any] = field(default_factory=dict)
+    comments_to_defender: int = 0
+    comments_to_sentinel: int = 0
+    conflicts: tuple[str, ...] = ()
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def wrote_defender(self) -> bool:
+        return bool(self.defender_changes) or self.comments_to_defender > 0
+
+    @property
+    def wrote_sentinel(self) -> bool:
+        return bool(self.sentinel_changes) or self.comments_to_sentinel > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"result": self.result, "reason": self.reason, "tenantId": self.tenant_id,
+                "incidentId": self.incident_id, "sentinelIncident": self.sentinel_name,
+                "changes": {"defender": _jsonable(self.defender_changes),
+                            "sentinel": _jsonable(self.sentinel_changes)},
+                "comments": {"toDefender": self.comments_to_defender, "toSentinel": self.comments_to_sentinel},
+                "conflicts": list(self.conflicts), "problems": self.problems}
+
+
+def _jsonable(changes: dict[str, Any]) -> dict[str, Any]:
+    return {k: sorted(v) if isinstance(v, frozenset | set) else v for k, v in changes.items()}
+
+
+def fields_to_dict(fields: SyncedFields) -> dict[str, Any]:
+    data = asdict(fields)
+    data["tags"] = sorted(fields.tags)
+    return data
+
+
+def fields_from_dict(data: Any) -> SyncedFields | None:
+    """The stored base, or None when absent or unreadable (then Defender wins, as on a first sync)."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        return SyncedFields(status=data["status"], owner=data.get("owner"), classification=data.get("classification"),
+                            determination=data.get("determination"), tags=frozenset(data.get("tags") or []))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class IncidentSyncer:
+    """Syncs single incidents between Defender and the mirror target."""
+
+    def __init__(self, ctx: AppContext, target: MirrorTarget | None = None) -> None:
+        self.ctx = ctx
+        self.target: MirrorTarget = target or SentinelTarget(ctx.sentinel)
+        self.owner_map = OwnerMap(ctx.settings.owner_map)
+
+    def sync(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline, trigger: str,
+             defender: dict[str, Any] | None = None) -> SyncOutcome:
+        """Bring one incident's two sides together (see the module docstring). Raises ApiError on I/O failure."""
+        for _ in range(MAX_LINK_RACES):
+            outcome = self._sync_once(tenant, incident_id, deadline=deadline, trigger=trigger, defender=defender)
+            if outcome is not None:
+                self._log(outcome, trigger)
+                return outcome
+            defender = None  # another worker synced it meanwhile: start again from fresh reads
+        raise ApiError(f"incident {incident_id}: the link kept changing under concurrent syncs; will retry later")
+
+    def _log(self, outcome: SyncOutcome, trigger: str) -> None:
+        log.info("incident %s", outcome.result, extra={
+            "tenantId": outcome.tenant_id, "incidentId": outcome.incident_id, "action": f"sync-{trigger}",
+            "outcome": outcome.result, "reason": outcome.reason,
+            "defenderFields": sorted(outcome.defender_changes), "sentinelFields": sorted(outcome.sentinel_changes),
+            "commentsToDefender": outcome.comments_to_defender, "commentsToSentinel": outcome.comments_to_sentinel})
+
+    def _sync_once(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline, trigger: str,
+                   defender: dict[str, Any] | None) -> SyncOutcome | None:
+        state = self.ctx.state
+        tid = tenant.tenant_id
+        link = state.get_link(tid, incident_id)
+        link_etag = link.pop("etag", None) if link else None
+        outcome = SyncOutcome(tid, incident_id, "unchanged")
+        if link and link.get("state") in INACTIVE_LINKS:
+            outcome.result, outcome.reason = "ignored", str(link.get("state"))
+            outcome.sentinel_name = link.get("sentinelName")
+            return outcome
+        graph = self.ctx.graph(tid)
+        if defender is None or "_alertsError" in defender:
+            defender = graph.get_incident(incident_id, deadline=deadline, expand_alerts=True)
+        if defender is None:
+            if link is None:
+                outcome.result, outcome.reason = "ignored", "defender incident not found"
+                return outcome
+            link["state"] = LINK_GONE
+            outcome.result, outcome.reason = "ignored", "defender incident is gone (404); link ended"
+            return outcome if state.save_link(tid, incident_id, link, etag=link_etag) else None
+        version = canonical_time(str(defender.get("lastUpdateDateTime")))
+        if (trigger == "pull" and link is not None and link.get("defenderVersion", "") >= version):
+            return outcome  # this Defender version was already merged: nothing to read or write
+        name = str(link["sentinelName"]) if link else self.target.name_for(tid, incident_id)
+        outcome.sentinel_name = name
+        if link is None:
+            builtin = self.target.find_builtin(tid, incident_id, deadline=deadline)
+            if builtin is not None:
+                if state.note_once("builtin-connector", tid):
+                    log.warning("the built-in Defender XDR connector already mirrors this tenant's incidents; the "
+                                "app leaves those incidents to it", extra={"tenantId": tid, "action": "mirror",
+                                                                           "outcome": "builtin-connector"})
+                outcome.result, outcome.reason = "ignored", "mirrored by the built-in Defender XDR connector"
+                builtin_link = {"sentinelName": str(builtin.get("name", "")), "state": LINK_BUILTIN}
+                return outcome if state.save_link(tid, incident_id, builtin_link, etag=None) else None
+        base = fields_from_dict(link.get("base")) if link else None
+        writable = tenant.writes_defender and not is_redirected(defender)
+        defender_fields = from_defender(defender)
+        merged_box: dict[str, Any] = {}
+        current_defender: dict[str, Any] = defender
+
+        def mutate(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            merged_box.clear()
+            if current is None:
+                if link is not None:
+                    merged_box["deleted"] = True
+                    return None  # deleted in Sentinel: never recreated
+                result = MergeResult(defender_fields, {}, {}, ())
+                merged_box["created"] = True
+            else:
+                sentinel_fields, problems = from_sentinel(current, owner_map=self.owner_map, base=base,
+                                                          defender=current_defender)
+                merged_box["problems"] = problems
+                result = merge(base, defender_fields, sentinel_fields, policy=self.ctx.settings.conflict_policy,
+                               defender_time=_time(current_defender.get("lastUpdateDateTime")),
+                               sentinel_time=_time(current.get("lastModifiedTimeUtc")), defender_writable=writable)
+            merged_box["result"] = result
+            desired = to_sentinel_properties(current_defender, result.merged, current, owner_map=self.owner_map,
+                                             tenant_name=tenant.name,
+                                             surviving_sentinel_url=self._surviving_url(tid, current_defender))
+            if current is not None and _same_incident(desired, current):
+                return None
+            merged_box["sentinelWrite"] = True
+            return desired
+
+        resource = self.target.write(name, mutate, deadline=deadline)
+        if merged_box.get("deleted"):
+            outcome.result, outcome.reason = "ignored", "the Sentinel incident was deleted; not recreated"
+            log.warning("mirrored Sentinel incident was deleted; it is not recreated",
+                        extra={"tenantId": tid, "incidentId": incident_id, "action": "mirror", "outcome": "deleted"})
+            assert link is not None
+            link["state"] = LINK_DELETED
+            return outcome if state.save_link(tid, incident_id, link, etag=link_etag) else None
+        result: MergeResult = merged_box["result"]
+        outcome.problems = list(merged_box.get("problems", []))
+        outcome.conflicts = result.conflicts
+        if merged_box.get("sentinelWrite"):
+            outcome.sentinel_changes = dict(result.sentinel_changes) or {"defenderOwnedFields": True}
+        if merged_box.get("created"):
+            outcome.result = "created"
+        patch = to_defender_patch(result.merged, defender) if writable else {}
+        if patch:
+            defender = self._patch_defender(tid, incident_id, patch, deadline)
+            outcome.defender_changes = patch
+        outcome.comments_to_sentinel, outcome.comments_to_defender = self._sync_comments(
+            tid, incident_id, name, defender, writable, deadline)
+        if outcome.result != "created" and (outcome.wrote_defender or outcome.wrote_sentinel):
+            outcome.result = "applied"
+        sentinel_modified = (resource or {}).get("properties", {}).get("lastModifiedTimeUtc")
+        outcome.sentinel_etag = (resource or {}).get("etag")
+        new_link: dict[str, Any] = {"sentinelName": name, "state": LINK_ACTIVE, "base": fields_to_dict(result.merged),
+                    "defenderVersion": max(version, canonical_time(str(defender.get("lastUpdateDateTime")))),
+                    "sentinelModified": sentinel_modified, "redirected": is_redirected(defender)}
+        if not state.save_link(tid, incident_id, new_link, etag=link_etag):
+            return None
+        return outcome
+
+    def _surviving_url(self, tenant_id: str, defender: dict[str, Any]) -> str | None:
+        target = defender.get("redirectIncidentId")
+        if not is_redirected(defender) or target in (None, ""):
+            return None
+        link = self.ctx.state.get_link(tenant_id, str(target))
+        return self.target.url(str(link["sentinelName"])) if link and link.get("sentinelName") else None
+
+    def _patch_defender(self, tenant_id: str, incident_id: str, patch: dict[str, Any],
+                        deadline: Deadline) -> dict[str, Any]:
+        graph = self.ctx.graph(tenant_id)
+        try:
+            return graph.update_incident(incident_id, patch, deadline=deadline)
+        except ApiError as exc:
+            # PRODUCT: if Graph refuses inProgress, write active instead.
+            if exc.status == 400 and patch.get("status") == "inProgress":
+                retry = {**patch, "status": "active"}
+                log.info("Graph refused status inProgress; writing active", extra={
+                    "tenantId": tenant_id, "incidentId": incident_id, "action": "patch", "outcome": "fallback"})
+                return graph.update_incident(incident_id, retry, deadline=deadline)
+            raise
+
+    def _sync_comments(self, tenant_id: str, incident_id: str, name: str, defender: dict[str, Any],
+                       writable: bool, deadline: Deadline) -> tuple[int, int]:
+        """Copy comments each way once: Sentinel IDs derive from the source comment, Defender copies carry the
+        source key in their marker, and copies (marked) are never copied back."""
+        to_sentinel = to_defender = 0
+        existing = self.target.comments(name, deadline=deadline)
+        existing_ids = {c.comment_id.lower() for c in existing}
+        raw_comments = defender.get("comments")
+        defender_comments = [defender_comment_parts(c) for c in raw_comments if isinstance(c, dict)] \
+            if isinstance(raw_comments, list) else []
+        redirect = redirect_sentinel_comment(defender, surviving_sentinel_url=self._surviving_url(tenant_id, defender))
+        if redirect is not None and redirect[0].lower() not in existing_ids:
+            self.target.add_comment(name, redirect[0], redirect[1], deadline=deadline)
+            to_sentinel += 1
+        for c in defender_comments:
+            if not c.text.strip() or is_mirrored_comment(c.text) is not None:
+                continue
+            comment_id = comment_guid(comment_key("defender", c.author, c.created, c.text))
+            if comment_id.lower() in existing_ids:
+                continue
+            self.target.add_comment(name, comment_id,
+                                    mirrored_comment_text("defender", c.author, c.created, c.text),
+                                    deadline=deadline)
+            existing_ids.add(comment_id.lower())
+            to_sentinel += 1
+        if not writable:
+            return to_sentinel, to_defender
+        copied = {mirrored_comment_key(c.text) for c in defender_comments} - {None}
+        for sc in existing:
+            if not sc.text.strip() or is_mirrored_comment(sc.text) is not None:
+                continue
+            key = comment_key("sentinel", sc.author, sc.created, sc.text)
+            if key in copied:
+                continue
+            self.ctx.graph(tenant_id).add_comment(
+                incident_id, mirrored_comment_text("sentinel", sc.author, sc.created, sc.text), deadline=deadline)
+            copied.add(key)
+            to_defender += 1
+        return to_sentinel, to_defender
+
+
+def _time(value: object) -> Any:
+    try:
+        return parse_time(str(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _same_incident(desired: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a PUT of ``desired`` would change anything the app owns (labels compared as sets)."""
+    keys = set(desired) | {"title", "description", "severity", "status", "classification", "classificationReason",
+                           "classificationComment", "owner", "labels"}
+    for key in keys:
+        a, b = desired.get(key), current.get(key)
+        if key == "labels":
+            if _label_set(a) != _label_set(b):
+                return False
+        elif key == "owner":
+            if _owner_id(a) != _owner_id(b):
+                return False
+        elif a != b and not (a in (None, "", [], {}) and b in (None, "", [], {})):
+            return False
+    return True
+
+
+def _label_set(labels: object) -> set[tuple[str, str]]:
+    if not isinstance(labels, list):
+        return set()
+    return {(str(x.get("labelName")), str(x.get("labelType", "User"))) for x in labels if isinstance(x, dict)}
+
+
+def _owner_id(owner: object) -> str | None:
+    if not isinstance(owner, dict):
+        return None
+    value = owner.get("userPrincipalName") or owner.get("email") or owner.get("objectId")
+    return str(value).lower() if value else None

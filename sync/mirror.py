@@ -1,0 +1,50 @@
+"""Defender → Sentinel mirror, run from the pull cycle for every in-scope incident version."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .budget import BudgetExhausted, Deadline
+from .context import AppContext
+from .http import ApiError
+from .incident_sync import IncidentSyncer
+from .models import TenantSummary
+from .pull import IncidentHook
+from .runner import describe_error
+from .settings import TenantConfig
+
+log = logging.getLogger(__name__)
+
+
+def mirror_hook(ctx: AppContext) -> IncidentHook:
+    """The pull's per-incident hook: mirror the version just read. A failure is dead-lettered for this incident
+    (and retried by the next version, the reconcile sweep, or a re-run) instead of stopping the tenant's pull."""
+    syncer: IncidentSyncer | None = None
+
+    def hook(tenant: TenantConfig, incident: dict[str, Any], summary: TenantSummary, deadline: Deadline) -> None:
+        nonlocal syncer
+        if syncer is None:
+            syncer = IncidentSyncer(ctx)
+        incident_id = str(incident.get("id"))
+        try:
+            outcome = syncer.sync(tenant, incident_id, deadline=deadline, trigger="pull", defender=incident)
+        except BudgetExhausted:
+            raise
+        except (ApiError, ValueError) as exc:
+            letter = ctx.state.dead_letter(tenant.tenant_id, "mirror", incident_id, describe_error(exc),
+                                           version=str(incident.get("lastUpdateDateTime")))
+            summary.dead_lettered += 1
+            log.warning("mirror failed", extra={"tenantId": tenant.tenant_id, "incidentId": incident_id,
+                                                "action": "mirror", "outcome": "dead-lettered",
+                                                "retryCount": letter.retry_count, "error": describe_error(exc)})
+            return
+        ctx.state.resolve_dead_letter(tenant.tenant_id, "mirror", incident_id)
+        if outcome.wrote_sentinel or outcome.result == "created":
+            summary.mirrored += 1
+        if outcome.wrote_defender:
+            summary.pushed += 1
+        if outcome.reason and outcome.result == "ignored" and outcome.reason not in summary.notes:
+            summary.notes.append(outcome.reason)
+
+    return hook

@@ -1,0 +1,104 @@
+"""Where Defender incidents are mirrored, behind one small interface.
+
+Today the target is a Sentinel incident created through the incidents REST API. A second target is planned for
+workspaces onboarded to the unified Defender portal (an analytics rule excluded from correlation creates the incident
+from the table row; the app links and updates it): it implements the same protocol.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlparse
+
+from .budget import Deadline
+from .sentinel import SentinelClient
+
+# Fixed namespace: the Sentinel incident name of a Defender incident never changes across versions or deployments.
+_NAMESPACE = uuid.UUID("9d3c8a0e-6a4f-4f7e-b3f1-2d7e5c9a1b40")
+BUILTIN_PROVIDERS = frozenset({"microsoft xdr", "microsoft 365 defender", "microsoft defender xdr"})
+
+Mutate = Callable[[dict[str, Any] | None], dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class TargetComment:
+    """A comment on the mirror: its ID there, author, creation time and text."""
+
+    comment_id: str
+    author: str
+    created: str
+    text: str
+
+
+class MirrorTarget(Protocol):
+    """Find or create, read, write, and comment on the mirror of one Defender incident."""
+
+    def name_for(self, tenant_id: str, incident_id: str) -> str: ...
+
+    def url(self, name: str) -> str: ...
+
+    def read(self, name: str, *, deadline: Deadline) -> dict[str, Any] | None: ...
+
+    def write(self, name: str, mutate: Mutate, *, deadline: Deadline) -> dict[str, Any] | None: ...
+
+    def find_builtin(self, tenant_id: str, incident_id: str, *, deadline: Deadline) -> dict[str, Any] | None: ...
+
+    def comments(self, name: str, *, deadline: Deadline) -> list[TargetComment]: ...
+
+    def add_comment(self, name: str, comment_id: str, text: str, *, deadline: Deadline) -> None: ...
+
+
+class SentinelTarget:
+    """Mirror incidents created and updated through the Sentinel incidents REST API."""
+
+    def __init__(self, client: SentinelClient) -> None:
+        self.client = client
+
+    def name_for(self, tenant_id: str, incident_id: str) -> str:
+        """Deterministic incident name (GUID) from tenant + incident ID: a retry can never create a second one."""
+        return str(uuid.uuid5(_NAMESPACE, f"{tenant_id.lower()}:{incident_id}"))
+
+    def url(self, name: str) -> str:
+        return self.client.incident_resource_id(name)
+
+    def read(self, name: str, *, deadline: Deadline) -> dict[str, Any] | None:
+        return self.client.get_incident(name, deadline=deadline)
+
+    def write(self, name: str, mutate: Mutate, *, deadline: Deadline) -> dict[str, Any] | None:
+        """GET, merge, PUT with the ETag; a 409 re-reads and re-merges."""
+        return self.client.update_incident(name, mutate, deadline=deadline)
+
+    def find_builtin(self, tenant_id: str, incident_id: str, *, deadline: Deadline) -> dict[str, Any] | None:
+        """The built-in connector's incident for this Defender incident, if that connector mirrors it.
+
+        Matched on ``providerIncidentId`` and a Defender provider name. Incident IDs are only unique per tenant, and
+        the connector serves the workspace's own tenant: a provider URL naming another tenant is not a match.
+        """
+        for incident in self.client.list_incidents(provider_incident_id=incident_id, deadline=deadline, top=50):
+            props = incident.get("properties") or {}
+            if str(props.get("providerName", "")).lower() not in BUILTIN_PROVIDERS:
+                continue
+            url = (props.get("additionalData") or {}).get("providerIncidentUrl") or ""
+            tids = parse_qs(urlparse(str(url)).query).get("tid") if url else None
+            if tids and tids[0].lower() != tenant_id.lower():
+                continue
+            return incident
+        return None
+
+    def comments(self, name: str, *, deadline: Deadline) -> list[TargetComment]:
+        out: list[TargetComment] = []
+        for c in self.client.list_comments(name, deadline=deadline):
+            props = c.get("properties") or {}
+            author = props.get("author") or {}
+            out.append(TargetComment(
+                comment_id=str(c.get("name", "")),
+                author=str(author.get("name") or author.get("userPrincipalName") or author.get("email") or ""),
+                created=str(props.get("createdTimeUtc") or ""),
+                text=str(props.get("message") or "")))
+        return out
+
+    def add_comment(self, name: str, comment_id: str, text: str, *, deadline: Deadline) -> None:
+        self.client.put_comment(name, comment_id, text, deadline=deadline)

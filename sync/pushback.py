@@ -1,0 +1,237 @@
+"""Sentinel → Defender: the webhook (a trigger only) and the reconcile cycle (a lost webhook only delays a change).
+
+Neither path trusts what Sentinel sent: both only learn *which* incident changed and then re-read both sides through
+:class:`~sync.incident_sync.IncidentSyncer`, so a forged, stale or replayed body cannot push a value into Defender.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+from .budget import BudgetExhausted, Deadline
+from .context import AppContext
+from .http import ApiError
+from .incident_sync import LINK_ACTIVE, IncidentSyncer, SyncOutcome
+from .mapping import SOURCE_LABEL
+from .models import TenantSummary
+from .runner import describe_error
+from .settings import TenantConfig
+from .state import Lease
+from .timeutil import canonical_time, format_time, parse_time, utcnow
+
+log = logging.getLogger(__name__)
+
+_INCIDENT_ID = re.compile(
+    r"^(?P<workspace>/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.OperationalInsights/"
+    r"workspaces/[^/]+)/providers/Microsoft\.SecurityInsights/incidents/(?P<name>[^/?#\s]+)$", re.IGNORECASE)
+LEASE_SECONDS = 60.0
+LISTED_PER_STEP = 20
+SWEEP_PER_RUN = 100
+SWEEP_PER_STEP = 10
+
+
+class WebhookError(Exception):
+    """A rejected webhook call: HTTP status, machine-readable code, and a message saying how to fix it."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def incident_reference(body: dict[str, Any], workspace_id: str) -> tuple[str, str | None]:
+    """(incident name, etag as sent) from a Logic App trigger body or a bare incident resource.
+
+    Only the identity is taken from the body. Raises :class:`WebhookError` 400 for a malformed body and 403 for an
+    incident of another workspace.
+    """
+    obj = body.get("object", body)
+    if not isinstance(obj, dict):
+        raise WebhookError(400, "invalid_body", '"object" must be the incident resource (a JSON object)')
+    resource_id = obj.get("id")
+    if not isinstance(resource_id, str) or not resource_id.strip():
+        raise WebhookError(400, "missing_incident_id", 'the body has no incident resource ID: expected "object.id" '
+                           '(Logic App trigger body) or "id" (incident resource)')
+    match = _INCIDENT_ID.match(resource_id.strip())
+    if match is None:
+        raise WebhookError(400, "invalid_incident_id", "the incident ID must be a Sentinel incident ARM resource ID "
+                           "(.../workspaces/<ws>/providers/Microsoft.SecurityInsights/incidents/<name>)")
+    if match.group("workspace").lower() != workspace_id.lower():
+        raise WebhookError(403, "wrong_workspace", "the incident belongs to another workspace than "
+                           "SENTINEL_WORKSPACE_ID; this webhook only serves its own workspace")
+    name = match.group("name")
+    declared = obj.get("name")
+    if declared is not None and (not isinstance(declared, str) or declared.lower() != name.lower()):
+        raise WebhookError(400, "inconsistent_incident", '"name" does not match the incident resource ID')
+    etag = obj.get("etag")
+    if etag is not None and not isinstance(etag, str):
+        raise WebhookError(400, "invalid_body", '"etag" must be a string')
+    properties = obj.get("properties")
+    if properties is not None and not isinstance(properties, dict):
+        raise WebhookError(400, "invalid_body", '"properties" must be an object')
+    return name, etag
+
+
+def handle_webhook(ctx: AppContext, body: dict[str, Any], deadline: Deadline) -> dict[str, Any]:
+    """Resolve the incident the body names and sync it. Returns the JSON answer (HTTP 200)."""
+    name, etag = incident_reference(body, ctx.settings.sentinel_workspace_id)
+    found = ctx.state.find_link_by_sentinel_name(name)
+    if found is None:
+        return {"result": "ignored", "reason": "this app does not mirror that incident", "sentinelIncident": name}
+    tenant_id, incident_id, _link = found
+    tenant = ctx.settings.tenant(tenant_id)
+    if tenant is None:
+        return {"result": "ignored", "reason": "the incident's tenant is no longer configured",
+                "sentinelIncident": name}
+    outcome = IncidentSyncer(ctx).sync(tenant, incident_id, deadline=deadline, trigger="webhook")
+    answer = outcome.to_dict()
+    if outcome.result == "unchanged" and etag and outcome.sentinel_etag and etag != outcome.sentinel_etag:
+        answer["result"] = "stale"
+        answer["reason"] = "the body is older than the incident in Sentinel; the current state is already in sync"
+    return answer
+
+
+class ReconcileCycle:
+    """One tenant's Sentinel → Defender catch-up: incidents modified since the cursor, then a slow sweep of the
+    tenant's mirrored incidents (comment- and label-only edits may not move ``lastModifiedTimeUtc``)."""
+
+    def __init__(self, ctx: AppContext, tenant: TenantConfig, *, deadline: Deadline,
+                 since: datetime | None = None) -> None:
+        self.ctx = ctx
+        self.tenant = tenant
+        self.deadline = deadline
+        self.since = since
+        self.summary = TenantSummary(tenant_id=tenant.tenant_id)
+        self.owner = f"{ctx.instance_id}-{uuid.uuid4().hex[:8]}"
+        self._lease: Lease | None = None
+        self._marker: dict[str, Any] = {}
+        self._listing: Iterator[dict[str, Any]] | None = None
+        self._listing_started = utcnow()
+        self._swept = 0
+        self._syncer = IncidentSyncer(ctx)
+        self._sweep: Iterator[tuple[str, dict[str, Any]]] | None = None
+
+    def start(self) -> bool:
+        store = self.ctx.state
+        self._lease = store.acquire_lease(self.tenant.tenant_id, "reconcile", self.owner, LEASE_SECONDS)
+        if self._lease is None:
+            self.summary.outcome = "skipped"
+            self.summary.error = "another instance holds this tenant's reconcile lease; skipped"
+            return False
+        self._marker = store.get_marker("reconcile", self.tenant.tenant_id)
+        cursor = self._marker.get("cursor")
+        self.summary.cursor_before = self.summary.cursor_after = cursor
+        if self.since is not None:
+            lower = self.since
+        elif cursor:
+            lower = parse_time(cursor) - timedelta(seconds=self.ctx.settings.overlap_seconds)
+        else:
+            lower = self._listing_started - timedelta(days=self.ctx.settings.initial_lookback_days)
+        self._listing = self.ctx.sentinel.list_incidents(modified_since=lower, deadline=self.deadline)
+        return True
+
+    def step(self) -> bool:
+        self.deadline.check(3.0)
+        self._keep_lease()
+        if self._listing is not None:
+            for _ in range(LISTED_PER_STEP):
+                incident = next(self._listing, None)
+                if incident is None:
+                    self._listing = None
+                    if self.since is None:
+                        self._marker["cursor"] = format_time(self._listing_started)
+                        self.summary.cursor_after = self._marker["cursor"]
+                    self._save_marker()
+                    break
+                self._reconcile_listed(incident)
+            return True
+        return self._sweep_step()
+
+    def finish(self, outcome: str | None = None, error: str | None = None) -> TenantSummary:
+        if outcome is not None:
+            self.summary.outcome = outcome
+        if error is not None:
+            self.summary.error = error
+        if self._lease is not None:
+            try:
+                self._marker["lastRun"] = {"finishedAt": format_time(utcnow()), "outcome": self.summary.outcome}
+                self._save_marker()
+            finally:
+                self.ctx.state.release_lease(self._lease)
+                self._lease = None
+        log.info("reconcile %s", self.summary.outcome, extra={
+            "tenantId": self.tenant.tenant_id, "action": "reconcile", "outcome": self.summary.outcome,
+            "pushed": self.summary.pushed, "mirrored": self.summary.mirrored, "swept": self._swept})
+        return self.summary
+
+    # ------------------------------------------------------------------ internals
+    def _keep_lease(self) -> None:
+        assert self._lease is not None
+        if ((self._lease.expires_at - utcnow()).total_seconds() < LEASE_SECONDS / 2
+                and not self.ctx.state.renew_lease(self._lease, LEASE_SECONDS)):
+            raise ApiError("the tenant's reconcile lease was lost to another instance")
+
+    def _save_marker(self) -> None:
+        self.ctx.state.set_marker("reconcile", self.tenant.tenant_id, self._marker)
+
+    def _reconcile_listed(self, incident: dict[str, Any]) -> None:
+        props = incident.get("properties") or {}
+        labels = props.get("labels") or []
+        if not any(isinstance(x, dict) and x.get("labelName") == SOURCE_LABEL for x in labels):
+            return
+        found = self.ctx.state.find_link_by_sentinel_name(str(incident.get("name", "")))
+        if found is None or found[0] != self.tenant.tenant_id:
+            return
+        _tenant, incident_id, link = found
+        modified = props.get("lastModifiedTimeUtc")
+        if link.get("state") != LINK_ACTIVE or (
+                modified and link.get("sentinelModified")
+                and canonical_time(str(modified)) == canonical_time(str(link["sentinelModified"]))):
+            return  # unchanged since the app last synced it (its own write included): no echo
+        self._sync(incident_id, "reconcile")
+
+    def _sweep_step(self) -> bool:
+        if self._swept >= SWEEP_PER_RUN or self.since is not None:
+            return False
+        if self._sweep is None:
+            after = str(self._marker.get("sweepAfter") or "")
+            self._sweep = self.ctx.state.iter_links(self.tenant.tenant_id, after)
+        for _ in range(SWEEP_PER_STEP):
+            item = next(self._sweep, None)
+            if item is None:
+                self._marker["sweepAfter"] = ""  # wrap around next run
+                self._save_marker()
+                return False
+            incident_id, link = item
+            self._marker["sweepAfter"] = incident_id
+            if link.get("state") == LINK_ACTIVE and not link.get("redirected"):
+                self._swept += 1
+                self._sync(incident_id, "sweep")
+        self._save_marker()
+        return self._swept < SWEEP_PER_RUN
+
+    def _sync(self, incident_id: str, trigger: str) -> SyncOutcome | None:
+        try:
+            outcome = self._syncer.sync(self.tenant, incident_id, deadline=self.deadline, trigger=trigger)
+        except BudgetExhausted:
+            raise
+        except (ApiError, ValueError) as exc:
+            self.ctx.state.dead_letter(self.tenant.tenant_id, "pushback", incident_id, describe_error(exc))
+            self.summary.dead_lettered += 1
+            log.warning("reconcile failed for an incident", extra={
+                "tenantId": self.tenant.tenant_id, "incidentId": incident_id, "action": trigger,
+                "outcome": "error", "error": describe_error(exc)})
+            return None
+        self.ctx.state.resolve_dead_letter(self.tenant.tenant_id, "pushback", incident_id)
+        self.summary.incidents += 1
+        if outcome.wrote_defender:
+            self.summary.pushed += 1
+        if outcome.wrote_sentinel:
+            self.summary.mirrored += 1
+        return outcome
