@@ -258,7 +258,9 @@ def sentinel_factory(world: World, issuer: TokenIssuer, base_url: str) -> Servic
         return issuer.verify_bearer(headers, base_url)
 
     try:
-        service: Service = SentinelService(verifier, [world.sentinel_workspace_id], base_url=base_url)
+        # One clock for Graph and Sentinel, so "latest wins" compares times from the same source.
+        service: Service = SentinelService(verifier, [world.sentinel_workspace_id], base_url=base_url,
+                                           clock_ns=lambda: world.clock.now_ticks() * 100)
     except TypeError:
         service = SentinelService(world, verifier)  # type: ignore[arg-type]
         if hasattr(service, "base_url"):

@@ -166,12 +166,12 @@ class GraphSecurityClient:
         parts = urlsplit(endpoint.strip())
         if parts.scheme not in ("https", "http") or not parts.netloc:
             raise ValueError(f"GRAPH_ENDPOINT must be an absolute http(s) URL, got {endpoint!r}")
-        if page_size < 1 or not 1 <= min_page_size <= page_size:
-            raise ValueError(f"need 1 <= min_page_size <= page_size, got {min_page_size} and {page_size}")
+        if page_size < 1 or min_page_size < 1:
+            raise ValueError(f"page sizes must be at least 1, got {page_size} and {min_page_size}")
         self.session = session
         self.endpoint = endpoint.strip().rstrip("/")
         self.page_size = page_size
-        self.min_page_size = min_page_size
+        self.min_page_size = min(min_page_size, page_size)   # a small configured page needs no shrinking floor
         self._base = f"{self.endpoint}/v1.0/security"
         self._origin = (parts.scheme.lower(), parts.netloc.lower())
 
@@ -342,9 +342,11 @@ class GraphSecurityClient:
     def _ensure_alerts(self, incident: dict[str, Any], deadline: Deadline, *, fetch: bool) -> None:
         alerts = incident.get("alerts")
         try:
-            if fetch or not isinstance(alerts, list):
-                # Not expanded (degraded), or $expand left them out: ask alerts_v2 rather than assume none.
+            if fetch or not isinstance(alerts, list) or "alerts@odata.nextLink" in incident:
+                # Not expanded (degraded), $expand left them out, or cut the expansion short (an annotated
+                # nextLink): read alerts_v2 rather than assume the list is complete.
                 alerts = self.list_alerts(str(incident["id"]), deadline=deadline)
+                incident.pop("alerts@odata.nextLink", None)
             else:
                 _normalise_alerts(alerts, f"incident {incident['id']}")
         except ApiError as exc:

@@ -29,6 +29,7 @@ from .mapping import (
     defender_comment_parts,
     from_defender,
     from_sentinel,
+    in_progress_fallback,
     is_mirrored_comment,
     is_redirected,
     mirrored_comment_key,
@@ -246,7 +247,7 @@ class IncidentSyncer:
         except ApiError as exc:
             # PRODUCT: if Graph refuses inProgress, write active instead.
             if exc.status == 400 and patch.get("status") == "inProgress":
-                retry = {**patch, "status": "active"}
+                retry = in_progress_fallback(patch)
                 log.info("Graph refused status inProgress; writing active", extra={
                     "tenantId": tenant_id, "incidentId": incident_id, "action": "patch", "outcome": "fallback"})
                 return graph.update_incident(incident_id, retry, deadline=deadline)

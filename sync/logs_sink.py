@@ -89,6 +89,10 @@ class UploadResult:
     errors: list[str] = field(default_factory=list)
     attempts: int = 0
     throttled: int = 0
+    #: Failed rows the service (400/413) or the pre-send checks rejected as bad content: resending cannot help.
+    rejected_rows: list[dict[str, Any]] = field(default_factory=list)
+    #: True when rows were left unsent because the run's time budget was spent (not a failure of the data).
+    budget_spent: bool = False
 
     @property
     def ok(self) -> bool:
@@ -102,6 +106,8 @@ class UploadResult:
         self.attempts += other.attempts
         self.throttled += other.throttled
         self.failed_rows.extend(other.failed_rows)
+        self.rejected_rows.extend(other.rejected_rows)
+        self.budget_spent = self.budget_spent or other.budget_spent
         self.errors.extend(other.errors)
         return self
 
@@ -220,6 +226,7 @@ class LogsSink:
             problem, size = self._check_row(row, columns)
             if problem is not None:
                 failed.append((index, row))
+                result.rejected_rows.append(row)
                 result.errors.append(f"{table}: row {index} not sent: {problem}")
                 continue
             sendable.append((index, row))
@@ -232,6 +239,7 @@ class LogsSink:
             chunk, chunk_bytes = pending.popleft()
             if deadline is not None and deadline.remaining() < self.min_call_seconds:
                 pending.appendleft((chunk, chunk_bytes))
+                result.budget_spent = True
                 self._give_up(result, table, failed, pending, "not sent: the run's time budget is spent")
                 break
             error = self._send(stream, [row for _, row in chunk], result, deadline)
@@ -251,7 +259,9 @@ class LogsSink:
             log.warning("%s", message, extra={"action": "logs_upload", "outcome": "failed"})
             failed.extend(chunk)
             result.errors.append(message)
-            if status not in _CONTENT_STATUSES:
+            if status in _CONTENT_STATUSES:
+                result.rejected_rows.extend(row for _, row in chunk)
+            else:
                 self._give_up(result, table, failed, pending, f"not sent after an earlier failure ({_describe(error)})")
                 break
         failed.sort(key=lambda item: item[0])

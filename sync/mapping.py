@@ -129,6 +129,8 @@ CLASSIFICATION_COMMENT_LIMIT = 4_000
 #: At most this many alerts are listed in a description ("and N more" after).
 MAX_LISTED_ALERTS = 50
 TRUNCATION_MARKER = "…[truncated]"
+# Ends the closing comment the app generates, so it is regenerated (not kept as an analyst's note) when values change.
+_CLOSING_COMMENT_SUFFIX = f" (synced by {SOURCE_LABEL})."
 
 # Read-only Sentinel incident properties (and playbook-trigger extras): never sent back in a PUT.
 _SENTINEL_READ_ONLY = frozenset({
@@ -637,9 +639,6 @@ def _closing_comment(incident: Mapping[str, Any], fields: SyncedFields) -> str:
             and normalize_classification(incident.get("classification")) == fields.classification):
         return resolving
     return f"Closed as {fields.classification} / {fields.determination}{_CLOSING_COMMENT_SUFFIX}"
-
-
-_CLOSING_COMMENT_SUFFIX = f" (synced by {SOURCE_LABEL})."
 
 
 def app_labels(fields: SyncedFields, *, tenant_name: str, redirected: bool) -> list[str]:

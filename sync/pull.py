@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SLICE = timedelta(days=1)
 LEASE_SECONDS = 60.0
 LEASE_RENEW_BELOW = 40.0
-STEP_RESERVE_SECONDS = 3.0
+STEP_RESERVE_SECONDS = 8.0  # room to store a fetched page (the sink starts no call with < 5 s left)
 DEAD_LETTER_RETRIES_PER_RUN = 20
 
 IncidentHook = Callable[[TenantConfig, dict[str, Any], TenantSummary, Deadline], None]
@@ -205,24 +205,25 @@ class TenantPull:
         """Retry incidents whose alerts could not be read, and mirrors that failed, before new work."""
         store = self.ctx.state
         letters = [d for d in store.dead_letters(self.tenant.tenant_id, pending_only=True)
-                   if d.kind in ("incident", "mirror")][:DEAD_LETTER_RETRIES_PER_RUN]
+                   if d.kind in ("incident", "ingest", "mirror")][:DEAD_LETTER_RETRIES_PER_RUN]
         for letter in letters:
             self.deadline.check(STEP_RESERVE_SECONDS)
             incident = self._graph.get_incident(letter.key, deadline=self.deadline, expand_alerts=True)
             if incident is None:
                 store.resolve_dead_letter(self.tenant.tenant_id, letter.kind, letter.key)
                 continue
-            if letter.kind == "incident":
-                self._process(incident for incident in [incident])
-                if "_alertsError" not in incident:
-                    store.resolve_dead_letter(self.tenant.tenant_id, "incident", letter.key)
+            if letter.kind in ("incident", "ingest"):
+                if letter.key in self._process([incident]):
+                    store.resolve_dead_letter(self.tenant.tenant_id, letter.kind, letter.key)
             elif self.hook is not None and self.tenant.mirrors and passes_filters(self.tenant, incident):
                 self.hook(self.tenant, incident, self.summary, self.deadline)
 
-    def _process(self, page: Iterable[dict[str, Any]]) -> None:
+    def _process(self, page: Iterable[dict[str, Any]]) -> set[str]:
+        """Ingest (and mirror) a page of incidents; returns the IDs now stored or already stored before."""
         tenant = self.tenant
         store = self.ctx.state
         incidents = [i for i in page if isinstance(i, dict)]
+        ids_seen: set[str] = set()
         versions = store.get_versions(tenant.tenant_id, [str(i.get("id")) for i in incidents])
         read_at = utcnow()
         rows: dict[str, list[dict[str, Any]]] = {"DefenderIncidents_CL": [], "DefenderAlerts_CL": [],
@@ -247,13 +248,14 @@ class TenantPull:
                 continue
             if built is None:
                 self.summary.skipped += 1
+                ids_seen.add(incident_id)
                 continue
             version, incident_rows, alert_rows, ev_rows = built
             rows["DefenderIncidents_CL"].extend(incident_rows)
             rows["DefenderAlerts_CL"].extend(alert_rows)
             rows["DefenderEvidence_CL"].extend(ev_rows)
             pending[incident_id] = version
-        failed = self._upload(rows)
+        failed, rejected, budget_spent = self._upload(rows)
         stored = [v for k, v in pending.items() if k not in failed]
         if stored:
             store.save_versions(tenant.tenant_id, stored)
@@ -261,18 +263,21 @@ class TenantPull:
         for table, key in (("DefenderAlerts_CL", "alerts"), ("DefenderEvidence_CL", "evidence")):
             count = sum(1 for r in rows[table] if r.get("IncidentId") not in failed)
             setattr(self.summary, key, getattr(self.summary, key) + count)
-        for incident_id in pending:
-            if incident_id not in failed:
-                store.resolve_dead_letter(tenant.tenant_id, "ingest", incident_id)
-        if failed:
-            permanent = self._record_ingest_failures(failed, pending)
-            if not permanent:
-                raise IngestError(f"{len(failed)} incident(s) could not be stored in Log Analytics; "
-                                  "the page will be read again next run")
+        if budget_spent:
+            raise BudgetExhausted("time budget spent while storing rows; the page is read again next run")
+        transient = {k: v for k, v in failed.items() if k not in rejected}
+        for incident_id in rejected:
+            # The service rejected this incident's rows as content: park it and move on, never freeze the cursor.
+            self._dead_letter("ingest", incident_id, failed[incident_id],
+                              pending[incident_id].last_update if incident_id in pending else None)
+        if transient:
+            raise IngestError(f"{len(transient)} incident(s) could not be stored in Log Analytics "
+                              f"({next(iter(transient.values()))}); the page is read again next run")
         if self.hook is not None and tenant.mirrors:
             for incident in in_scope:
                 if str(incident.get("id")) not in failed:
                     self.hook(tenant, incident, self.summary, self.deadline)
+        return {v.incident_id for v in stored} | ids_seen
 
     def _rows_for(self, incident: dict[str, Any], previous: IncidentVersion | None, read_at: datetime
                   ) -> tuple[IncidentVersion, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]] | None:
@@ -301,35 +306,22 @@ class TenantPull:
             alert_versions[alert_id] = alert_version
         return IncidentVersion(incident_id, version, alert_versions), incident_rows, new_alerts, new_evidence
 
-    def _upload(self, rows: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
-        """Send the rows; return {incident ID: error} for every incident with a row that was not stored."""
+    def _upload(self, rows: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, str], set[str], bool]:
+        """Send the rows. Returns ({incident ID: error} for every incident with a row not stored, the incidents
+        whose rows were rejected as content, whether the budget ran out)."""
         failed: dict[str, str] = {}
+        rejected: set[str] = set()
+        budget_spent = False
         for table, table_rows in rows.items():
             if not table_rows:
                 continue
-            result = self.ctx.sink.upload(table, table_rows)
+            result = self.ctx.sink.upload(table, table_rows, deadline=self.deadline)
             error = "; ".join(result.errors)[:500] or "upload failed"
             for row in result.failed_rows:
                 failed.setdefault(str(row.get("IncidentId")), error)
-        return failed
-
-    def _record_ingest_failures(self, failed: dict[str, str], pending: dict[str, IncidentVersion]) -> bool:
-        """Count each failure; True when every failed incident has now been given up (the page can move on).
-
-        A transient outage fails every incident alike and retries forever across runs; an incident that keeps
-        failing while others store fine is a poison record and is given up after a few runs, so it never
-        freezes the cursor. It stays listed as a dead letter for the operator.
-        """
-        all_given_up = True
-        for incident_id, error in failed.items():
-            version = pending.get(incident_id)
-            letter = self.ctx.state.dead_letter(self.tenant.tenant_id, "ingest", incident_id, error,
-                                                version=version.last_update if version else None)
-            if letter.given_up and len(failed) < len(pending):
-                self.summary.dead_lettered += 1
-            else:
-                all_given_up = False
-        return all_given_up
+            rejected.update(str(row.get("IncidentId")) for row in result.rejected_rows)
+            budget_spent = budget_spent or result.budget_spent
+        return failed, rejected, budget_spent
 
     def _dead_letter(self, kind: str, key: str, error: str, version: object) -> None:
         self.ctx.state.dead_letter(self.tenant.tenant_id, kind, key, error,

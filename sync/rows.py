@@ -19,7 +19,8 @@ Row conventions
   under the service's 64 KB per-field limit) is cut on a character boundary and ends with :data:`TRUNCATION_MARKER`;
   a cut dynamic value becomes a *string* holding the cut JSON text (never invalid JSON in a dynamic column). The row
   as the SDK serialises it is then kept under :data:`ROW_MAX_BYTES` by cutting its largest content fields, so every
-  row fits one Logs Ingestion request. Every cut column is listed in the row's ``TruncatedFields``.
+  row fits one Logs Ingestion request. Every cut column is listed in the row's ``TruncatedFields`` (absent when
+  nothing was cut).
 - ``RecordId`` is deterministic per version (uuid5), so re-sent rows can be de-duplicated in KQL with
   ``summarize arg_max(TimeGenerated, *) by RecordId``.
 """
@@ -86,7 +87,9 @@ def _columns(table: str) -> dict[str, str]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the column definitions of {table} from {path}: {exc}") from exc
+        # In Azure this means the deployment package lacks infra/tables (see .funcignore).
+        raise ValueError(f"cannot read the column definitions of {table} from {path}: {exc}; "
+                         "infra/tables/*.json must be deployed with the app") from exc
     entries = document.get("columns") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected an object with a 'columns' list")

@@ -191,7 +191,7 @@ class StateStore:
             for i, incident_id in enumerate(group):
                 params[f"r{i}"] = _key(incident_id)
                 clauses.append(f"RowKey eq @r{i}")
-            query = f"PartitionKey eq @pk and ({' or '.join(clauses)})"
+            query = f"PartitionKey eq @pk and ( {' or '.join(clauses)} )"
             for e in table.query_entities(query, parameters=params):
                 version = IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
                                           alerts=_join_json("Alerts", e, {}))

@@ -243,6 +243,13 @@ def test_data_tables_against_azurite(storage: str) -> None:
                         match_condition=MatchConditions.IfNotModified)
     assert [e["RowKey"] for e in table.query_entities("PartitionKey eq 'tenant'")] == ["t1"]
 
+    from azure.storage.queue import QueueClient
+
+    queue = QueueClient.from_connection_string(storage, "defender-tenant-work")
+    queue.create_queue()
+    queue.send_message(json.dumps({"tenantId": "t1", "direction": "pull"}))
+    assert [json.loads(m.content)["tenantId"] for m in queue.receive_messages()] == ["t1"]
+
 
 # ------------------------------------------------------------------------------------------------ Logs Ingestion
 

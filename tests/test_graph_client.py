@@ -136,7 +136,8 @@ class FakeGraph:
         out = {k: v for k, v in incident.items() if k != "alerts"}
         if expand:
             out["alerts"] = incident.get("alerts", [])
-        return json.loads(json.dumps(out))
+        copied: dict[str, Any] = json.loads(json.dumps(out))
+        return copied
 
     def _list(self, url: str, query: dict[str, list[str]]) -> requests.Response:
         conds = []
@@ -382,7 +383,7 @@ def test_tie_mode_follows_nextlink_and_refuses_foreign_links() -> None:
         if "@odata.nextLink" in body:
             body["@odata.nextLink"] = body["@odata.nextLink"].replace(ENDPOINT, "https://evil.example")
         return make_response(200, body)
-    graph._list = evil  # type: ignore[method-assign]
+    graph._list = evil  # type: ignore[method-assign,assignment]
     with pytest.raises(GraphResponseError, match=r"outside https://graph\.test"):
         walk(make_client(graph, page_size=2))
 
@@ -399,9 +400,10 @@ def test_resume_with_many_seen_ids_goes_straight_to_tie_mode() -> None:
 def test_resume_position_round_trips_and_rejects_garbage() -> None:
     pos = KeysetPosition("2024-05-06T10:00:09.7654321Z", ("a", "b"))
     assert KeysetPosition.from_dict(json.loads(json.dumps(pos.to_dict()))) == pos
-    for bad in ({}, {"upper": "yesterday"}, {"upper": stamp(1), "seenIds": [1]}, {"upper": 5}, []):
+    bads: list[Any] = [{}, {"upper": "yesterday"}, {"upper": stamp(1), "seenIds": [1]}, {"upper": 5}, []]
+    for bad in bads:
         with pytest.raises(ValueError):
-            KeysetPosition.from_dict(bad)  # type: ignore[arg-type]
+            KeysetPosition.from_dict(bad)
     client = make_client(FakeGraph())
     with pytest.raises(ValueError, match="after the window"):
         walk(client, resume=KeysetPosition(stamp(81)))
@@ -481,6 +483,24 @@ def test_malformed_expanded_alerts_mark_only_that_incident() -> None:
     assert incidents["3"]["alerts"][0]["evidence"] == [] and len(incidents["1"]["alerts"][0]["evidence"]) == 1
 
 
+def test_a_truncated_expansion_is_completed_from_alerts_v2() -> None:
+    graph = FakeGraph([incident(1, stamp(50), alerts=5), incident(2, stamp(49), alerts=2)])
+    original = graph._list
+
+    def truncating(url: str, q: dict[str, list[str]]) -> requests.Response:
+        body = original(url, q).json()
+        for inc in body["value"]:
+            if inc["id"] == "1":
+                inc["alerts"] = inc["alerts"][:2]
+                inc["alerts@odata.nextLink"] = f"{ENDPOINT}/v1.0/security/incidents/1/alerts?$skip=2"
+        return make_response(200, body)
+    graph._list = truncating  # type: ignore[method-assign,assignment]
+    incidents = {i["id"]: i for p in walk(make_client(graph)) for i in p.incidents}
+    assert len(incidents["1"]["alerts"]) == 5 and "alerts@odata.nextLink" not in incidents["1"]
+    assert len(incidents["2"]["alerts"]) == 2
+    assert sum("/alerts_v2" in u for _, u, _, _ in graph.calls) == 2 * 3   # 3 pages of 2, read twice (re-check)
+
+
 def test_non_server_errors_do_not_degrade() -> None:
     graph = FakeGraph([incident(1, stamp(50))])
     graph.fault = lambda m, p, q: make_response(403, {"error": {"code": "Forbidden", "message": "no role"}})
@@ -545,9 +565,10 @@ def test_non_json_body_raises_a_clear_error() -> None:
 
 def test_constructor_validates_its_arguments() -> None:
     session = make_client(FakeGraph()).session
-    for kwargs in ({"page_size": 0}, {"page_size": 5, "min_page_size": 6}, {"min_page_size": 0}):
+    for kwargs in ({"page_size": 0}, {"min_page_size": 0}):
         with pytest.raises(ValueError):
             GraphSecurityClient(session, ENDPOINT, **kwargs)
+    assert GraphSecurityClient(session, ENDPOINT, page_size=3).min_page_size == 3   # SYNC_GRAPH_PAGE_SIZE=3
     with pytest.raises(ValueError):
         GraphSecurityClient(session, "graph.microsoft.com")
     client = GraphSecurityClient(session, ENDPOINT + "/")

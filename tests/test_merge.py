@@ -14,7 +14,7 @@ from sync import mapping as m
 from sync.mapping import OwnerMap, SyncedFields
 from sync.merge import MergeResult, merge
 
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 OWNERS = [None, "a@x.com", "b@x.com", "c@x.com"]
 TAGS = ["t1", "t2", "t3", "t4"]

@@ -445,3 +445,30 @@ def test_malformed_list_response_is_named() -> None:
         list(client.list_incidents(deadline=dl()))
     assert client.incident_url("a b").startswith(
         f"https://management.azure.com{WS}/providers/Microsoft.SecurityInsights/incidents/a%20b?")
+
+
+# ----------------------------------------------------------------------------------------------- through the hub
+
+
+def test_client_through_the_emulator_hub_with_managed_identity(emulators: Any, managed_identity_env: Any) -> None:
+    """The wiring the app uses: managed identity token from the Entra emulator, ARM endpoint = the hub's server."""
+    from azure.identity import ManagedIdentityCredential
+
+    endpoints = emulators.endpoints
+    if endpoints.arm is None or emulators.sentinel is None:
+        pytest.skip("the hub runs without a Sentinel emulator")
+    service: SentinelService = emulators.sentinel
+    session = BearerSession(ManagedIdentityCredential(), f"{endpoints.arm}/.default")
+    client = SentinelClient(session, endpoints.arm, endpoints.sentinel_workspace_id.upper(),
+                            write_limiter=RateLimiter(100))
+    created = client.update_incident("3f2b6a4e-0000-4000-8000-000000000001", lambda cur: base_props(), deadline=dl())
+    assert created is not None and created["properties"]["providerName"] == "Azure Sentinel"
+    service.analyst_update(created["name"], status="Closed", classification="TruePositive",
+                           classification_reason="SuspiciousActivity", updated_by="ana@contoso.com")
+    client.put_comment(created["name"], "c-1", "closed in Sentinel", deadline=dl())
+    [listed] = list(client.list_incidents(deadline=dl()))
+    assert listed["properties"]["status"] == "Closed"
+    assert [c["properties"]["message"] for c in client.list_comments(created["name"], deadline=dl())] == [
+        "closed in Sentinel"]
+    body = service.trigger_body(created["name"])
+    assert body["object"]["id"].lower() == client.incident_resource_id(created["name"]).lower()

@@ -1,0 +1,261 @@
+"""End to end: defender_pull / sync_run / tenant_pull through function_app.py against the emulators and Azurite.
+
+What a user notices: every incident and alert version reaches its table exactly once, across throttling, 5xx
+bursts, ties, updates landing mid-paging and spent budgets; tenants stay isolated; no secret reaches a log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import pytest
+from azure.storage.queue import QueueClient, TextBase64DecodePolicy
+from conftest import apply_settings
+from harness import http, run_queue, run_timer
+
+from emulators.base import Fault
+from sync.rows import load_columns
+from sync.timeutil import canonical_time
+
+TABLES = ("DefenderIncidents_CL", "DefenderAlerts_CL", "DefenderEvidence_CL")
+
+
+def expected_versions(world: Any, tenants: list[str]) -> tuple[set[tuple[str, str, str]], set[tuple[str, str, str]]]:
+    """(tenant, incident ID, version) of every incident and (tenant, alert ID, version) of every alert now."""
+    incidents, alerts = set(), set()
+    for tenant in tenants:
+        for incident_id in world.incident_ids(tenant):
+            incident = world.get_incident(tenant, incident_id)
+            incidents.add((tenant, incident_id, canonical_time(incident["lastUpdateDateTime"])))
+            for alert in incident.get("alerts") or []:
+                stamp = alert.get("lastUpdateDateTime") or alert.get("createdDateTime")
+                alerts.add((tenant, alert["id"], canonical_time(stamp)))
+    return incidents, alerts
+
+
+def ingested(world: Any) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    incident_rows = [(r["DefenderTenantId"], r["IncidentId"], canonical_time(r["LastUpdateDateTime"]))
+                     for r in world.rows("DefenderIncidents_CL")]
+    alert_rows = [(r["DefenderTenantId"], r["AlertId"], canonical_time(r["LastUpdateDateTime"]))
+                  for r in world.rows("DefenderAlerts_CL")]
+    return incident_rows, alert_rows
+
+
+def assert_complete_once(world: Any, tenants: list[str], *, allow_stale: bool = False) -> None:
+    """Every current version is in the tables exactly once; no version appears twice."""
+    want_incidents, want_alerts = expected_versions(world, tenants)
+    got_incidents, got_alerts = ingested(world)
+    assert len(got_incidents) == len(set(got_incidents)), "an incident version was ingested twice"
+    assert len(got_alerts) == len(set(got_alerts)), "an alert version was ingested twice"
+    missing = want_incidents - set(got_incidents)
+    assert not missing, f"{len(missing)} incident versions never reached DefenderIncidents_CL: {sorted(missing)[:5]}"
+    missing_alerts = want_alerts - set(got_alerts)
+    assert not missing_alerts, f"{len(missing_alerts)} alert versions missing: {sorted(missing_alerts)[:5]}"
+    if not allow_stale:
+        assert set(got_incidents) <= want_incidents | {v for v in got_incidents}
+
+
+@pytest.fixture
+def two_tenants(emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str]]:
+    world = emulators.world
+    tenants = [world.add_tenant(name="Contoso"), world.add_tenant(name="Fabrikam")]
+    world.generate(11, tenants[0], 120)
+    world.generate(12, tenants[1], 60)
+    settings = make_app_settings(tenants)
+    apply_settings(monkeypatch, settings)
+    return world, tenants
+
+
+def test_pull_lands_every_version_once_with_schema_conformant_rows(two_tenants: Any) -> None:
+    world, tenants = two_tenants
+    run_timer("defender_pull")
+    assert_complete_once(world, tenants)
+    for table in TABLES:
+        columns = load_columns(table)
+        for row in world.rows(table):
+            assert set(row) <= set(columns), f"{table} row has columns outside infra/tables"
+    assert world.rows("DefenderEvidence_CL"), "evidence rows landed"
+    assert not world.violations, "a value over 64 KB was sent uncut"
+    # A quiet second run writes nothing.
+    before = {t: len(world.rows(t)) for t in TABLES}
+    run_timer("defender_pull")
+    assert {t: len(world.rows(t)) for t in TABLES} == before
+    status, body = http("sync_status", "GET")
+    assert status == 200 and body["healthy"] is True
+    assert {t["tenantId"] for t in body["tenants"]} == set(tenants)
+    assert all(t["lastRun"]["outcome"] == "success" and t["lagSeconds"] < 600 for t in body["tenants"])
+
+
+def test_an_update_adds_one_incident_row_and_only_changed_alerts(two_tenants: Any) -> None:
+    world, tenants = two_tenants
+    run_timer("defender_pull")
+    incident_id = world.incident_ids(tenants[0])[-1]
+    incident = world.get_incident(tenants[0], incident_id)
+    alert_count_before = len(world.rows("DefenderAlerts_CL"))
+    world.update_incident(tenants[0], incident_id, assignedTo="someone@contoso.com")
+    run_timer("defender_pull")
+    rows = [r for r in world.rows("DefenderIncidents_CL") if r["IncidentId"] == incident_id
+            and r["DefenderTenantId"] == tenants[0]]
+    assert len(rows) == 2 and {r["AssignedTo"] for r in rows} >= {"someone@contoso.com"}
+    assert len(world.rows("DefenderAlerts_CL")) == alert_count_before, "unchanged alerts were written again"
+    if incident.get("alerts"):
+        world.update_alert(tenants[0], incident["alerts"][0]["id"], status="resolved")
+        run_timer("defender_pull")
+        assert len(world.rows("DefenderAlerts_CL")) == alert_count_before + 1
+    assert_complete_once(world, tenants)
+
+
+def test_throttling_and_5xx_storms_lose_nothing(two_tenants: Any, emulators: Any) -> None:
+    world, tenants = two_tenants
+    faults = emulators.faults
+    faults.queue("graph", Fault("status", 429, retry_after="1"), times=3)
+    faults.queue("graph", Fault("status", 503), times=2)
+    faults.queue("ingestion", Fault("status", 500), times=2)
+    faults.queue("ingestion", Fault("status", 429, retry_after="1"), times=1)
+    faults.queue("graph", Fault("drop"), times=1)
+    status, summary = http("sync_run", body={})
+    assert status == 200
+    assert sum(t["throttled"] for t in summary["tenants"]) >= 1
+    # Whatever a run could not finish, the next one does.
+    for _ in range(3):
+        if all(t["outcome"] == "success" for t in summary["tenants"]):
+            break
+        status, summary = http("sync_run", body={})
+    assert_complete_once(world, tenants)
+
+
+def test_updates_landing_mid_paging_hide_nothing(emulators: Any, make_app_settings: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenant = world.add_tenant(name="Busy")
+    world.generate(21, tenant, 400)
+    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="20"))
+    ids = world.incident_ids(tenant)
+
+    def update_an_older_incident(info: Any) -> None:
+        # An incident further down the list moves to the top: offset paging would now skip its neighbour.
+        world.update_incident(tenant, ids[len(ids) // 2 + info.number], severity="high")
+
+    for page in (1, 2, 3, 5, 8):
+        world.after_page(page, update_an_older_incident, tenant_id=tenant)
+    run_timer("defender_pull")
+    run_timer("defender_pull")  # the moved incidents' new versions are read by the next cycle
+    assert_complete_once(world, [tenant])
+
+
+def test_ties_larger_than_a_page(emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenant = world.add_tenant(name="Ties")
+    world.generate(31, tenant, 30)
+    same = "2026-11-26T10:00:00.1234567Z"
+    for incident_id in world.incident_ids(tenant)[:25]:
+        world.update_incident(tenant, incident_id, last_update=same, status="inProgress")
+    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="5"))
+    run_timer("defender_pull")
+    assert_complete_once(world, [tenant])
+
+
+def test_budget_spent_mid_backlog_resumes_next_run(emulators: Any, make_app_settings: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenant = world.add_tenant(name="Backlog")
+    world.generate(41, tenant, 300)
+    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="10",
+                                                  SYNC_TIME_BUDGET_SECONDS="15"))
+    emulators.faults.rule("graph", lambda req: "security/incidents" in req.path, Fault("delay", seconds=0.4))
+    status, summary = http("sync_run", body={})
+    assert status == 200 and summary["budgetExhausted"] is True
+    assert summary["tenants"][0]["outcome"] == "partial"
+    emulators.faults.clear()
+    for _ in range(10):
+        status, summary = http("sync_run", body={})
+        if not summary["budgetExhausted"]:
+            break
+    assert_complete_once(world, [tenant])
+
+
+def test_two_concurrent_runs_never_double_ingest(two_tenants: Any) -> None:
+    world, tenants = two_tenants
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(http("sync_run", body={}))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(status == 200 for status, _ in results)
+    run_timer("defender_pull")
+    assert_complete_once(world, tenants)
+
+
+def test_tenants_are_isolated(two_tenants: Any) -> None:
+    world, tenants = two_tenants
+    run_timer("defender_pull")
+    for table in TABLES:
+        for row in world.rows(table):
+            assert row["DefenderTenantId"] in tenants
+    a_ids = set(world.incident_ids(tenants[0]))
+    rows_b = {r["IncidentId"] for r in world.rows("DefenderIncidents_CL") if r["DefenderTenantId"] == tenants[1]}
+    assert rows_b == set(world.incident_ids(tenants[1]))
+    assert not (rows_b - set(world.incident_ids(tenants[1]))) and a_ids
+
+
+def test_sync_run_contract(two_tenants: Any) -> None:
+    world, tenants = two_tenants
+    status, body = http("sync_run", body={"tenants": ["00000000-0000-0000-0000-00000000dead"]})
+    assert status == 400 and body["error"]["code"] == "unknown_tenant"
+    status, body = http("sync_run", raw=b"{not json")
+    assert status == 400 and body["error"]["code"] == "malformed_json"
+    status, body = http("sync_run", body={"since": "yesterday"})
+    assert status == 400 and body["error"]["code"] == "invalid_since"
+    status, body = http("sync_run", body={"direction": "sideways"})
+    assert status == 400
+    assert world.rows("DefenderIncidents_CL") == [], "a rejected request changed nothing"
+    status, body = http("sync_run", body={"tenants": [tenants[1]]})
+    assert status == 200
+    assert [t["tenantId"] for t in body["tenants"]] == [tenants[1]]
+    for key in ("direction", "startedAt", "finishedAt", "budgetExhausted", "tenants"):
+        assert key in body
+    tenant = body["tenants"][0]
+    for key in ("tenantId", "incidents", "alerts", "evidence", "pages", "throttled", "mirrored", "pushed",
+                "deadLettered", "cursorBefore", "cursorAfter", "error"):
+        assert key in tenant
+    assert tenant["incidents"] == 60 and tenant["cursorBefore"] is None and tenant["cursorAfter"]
+    # "since" re-reads once without moving the cursor back.
+    cursor = tenant["cursorAfter"]
+    status, body = http("sync_run", body={"tenants": [tenants[1]], "since": "2026-01-01T00:00:00Z"})
+    assert status == 200 and body["tenants"][0]["cursorAfter"] >= cursor
+    assert body["tenants"][0]["incidents"] == 0, "re-read versions are not ingested twice"
+
+
+def test_queue_fanout(emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenants = [world.add_tenant(name="A"), world.add_tenant(name="B")]
+    for i, tenant in enumerate(tenants):
+        world.generate(50 + i, tenant, 20)
+    settings = make_app_settings(tenants, SYNC_FANOUT="queue")
+    apply_settings(monkeypatch, settings)
+    run_timer("defender_pull")
+    assert world.rows("DefenderIncidents_CL") == [], "with SYNC_FANOUT=queue the timer only enqueues"
+    queue = QueueClient.from_connection_string(settings["AzureWebJobsStorage"], "defender-tenant-work",
+                                               message_decode_policy=TextBase64DecodePolicy())
+    messages = [m.content for m in queue.receive_messages(max_messages=32)]
+    assert sorted(json.loads(m)["tenantId"] for m in messages) == sorted(tenants)
+    for message in messages:
+        run_queue(message)
+    run_queue("not json")  # a malformed message is dropped, not retried forever
+    assert_complete_once(world, tenants)
+
+
+def test_no_secret_or_token_in_logs(two_tenants: Any, caplog: pytest.LogCaptureFixture, monkeypatch: Any) -> None:
+    import os
+
+    caplog.set_level(logging.DEBUG)
+    run_timer("defender_pull")
+    text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    secret = os.environ["DEFENDER_CLIENT_SECRET"]
+    assert secret not in text
+    assert "eyJ" not in text, "a JWT reached the logs"
+    assert "AccountKey" not in text
