@@ -40,7 +40,7 @@ typecheck:
 	$(VENV)/bin/mypy sync function_app.py
 
 unit:
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -q
 
 infra-check: $(CHECKOV_STAMP)
 	$(CHECKOV_VENV)/bin/checkov -d infra --framework bicep --compact --quiet --config-file .checkov.yaml
