@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from typing import Any
+from urllib.parse import urlparse
 
 from azure.core.credentials import TokenCredential
 from azure.identity import (
@@ -22,7 +23,19 @@ from azure.identity import (
 
 from .settings import Settings
 
-FEDERATED_AUDIENCE_SCOPE = "api://AzureADTokenExchange/.default"
+# The audience Entra expects for a managed identity used as a federated credential, per cloud.
+_FEDERATED_AUDIENCES = {
+    "login.microsoftonline.us": "api://AzureADTokenExchangeUSGov",
+    "login.chinacloudapi.cn": "api://AzureADTokenExchangeChina",
+    "login.partner.microsoftonline.cn": "api://AzureADTokenExchangeChina",
+}
+PUBLIC_FEDERATED_AUDIENCE = "api://AzureADTokenExchange"
+
+
+def federated_scope(authority_host: str) -> str:
+    """Token scope for the federated credential's assertion in the authority's cloud."""
+    host = urlparse(authority_host).hostname or ""
+    return f"{_FEDERATED_AUDIENCES.get(host, PUBLIC_FEDERATED_AUDIENCE)}/.default"
 
 
 class CredentialProvider:
@@ -74,8 +87,9 @@ class CredentialProvider:
             return CertificateCredential(tenant_id, s.defender_client_id,
                                          certificate_path=s.defender_client_certificate_path, **msal)
         app = self.app()
+        scope = federated_scope(s.authority_host)
 
         def assertion() -> str:
-            return app.get_token(FEDERATED_AUDIENCE_SCOPE).token
+            return app.get_token(scope).token
 
         return ClientAssertionCredential(tenant_id, s.defender_client_id, assertion, **common)

@@ -141,3 +141,11 @@ def test_fingerprint_changes_with_settings() -> None:
     a = settings_fingerprint(base_env())
     assert a == settings_fingerprint(base_env())
     assert a != settings_fingerprint(base_env(SYNC_FANOUT="queue"))
+
+
+def test_federated_audience_follows_the_cloud() -> None:
+    from sync.credentials import federated_scope
+
+    assert federated_scope("https://login.microsoftonline.com") == "api://AzureADTokenExchange/.default"
+    assert federated_scope("https://login.microsoftonline.us") == "api://AzureADTokenExchangeUSGov/.default"
+    assert federated_scope("https://127.0.0.1:8443") == "api://AzureADTokenExchange/.default"
