@@ -31,7 +31,7 @@ demo: setup
 	$(PY) -m scripts.demo
 
 ## The whole test suite: lint, types, unit, end-to-end and infrastructure checks.
-test: setup lint typecheck unit infra-check
+test: setup $(CHECKOV_STAMP) lint typecheck unit infra-check
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,7 @@ For each N, on a fresh set of services:
    ``data-only`` by default, ``sync`` with ``--mirror``; a large time budget and Graph rate cap) and starts the app in
    a CHILD process (:mod:`bench.pull_child`), which calls the ``defender_pull`` timer function from
    ``function_app.py`` until the backlog is done. The child's CPU and peak RSS are therefore the app's alone
-   (``os.wait4`` rusage, cross-checked by the child's own figures);
+   (the child's own ``getrusage`` and ``VmHWM``, with ``os.wait4``'s rusage as a cross-check);
 3. reads what landed from the emulators (rows per table, Graph requests from the request log) and checks it is
    complete (every incident, alert and evidence item) and free of duplicates;
 4. measures the floor: the same rows built with :mod:`sync.rows`, then ``json.dumps`` + gzip exactly as
@@ -26,7 +26,8 @@ Figures:
 - Graph requests per incident vs the minimum the page size allows (``ceil(n / page_size)`` list requests per
   tenant); the ratio is actual / minimum.
 - App CPU seconds (user + sys inside the ``defender_pull`` calls) per 1,000 incidents vs the floor per 1,000.
-- Peak RSS of the app process (``ru_maxrss``), its RSS once ``function_app`` was loaded, and the growth between.
+- Peak RSS of the app process (its ``VmHWM``: ``ru_maxrss`` would include the parent's RSS at fork/exec time on
+  Linux), its RSS once ``function_app`` was loaded, the growth between, and the pages that raised the peak.
 - Wall time, the load time of the emulator, Table Storage / Logs Ingestion / Entra calls made by the app, and the
   CPU the emulators (this process) and Azurite used meanwhile.
 """
@@ -87,6 +88,7 @@ class Options:
     max_runs: int
     profile: bool
     profile_out: Path | None
+    profile_clock: str
     keep_state: bool
 
 
@@ -110,6 +112,8 @@ def parse_args(argv: list[str] | None) -> tuple[list[int], argparse.Namespace]:
     parser.add_argument("--max-runs", type=int, default=5, help="defender_pull invocations at most per size")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the app's defender_pull calls and print the top costs (inflates CPU figures)")
+    parser.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
+                        help="with --profile: time functions by process CPU time (default) or by wall time")
     parser.add_argument("--profile-out", type=Path, default=None,
                         help="with --profile: keep the pstats file here (default: a temporary file)")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the final JSON to this file")
@@ -263,7 +267,7 @@ def _process_cpu(pid: int | None) -> float | None:
     if pid is None:
         return None
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
     except ImportError:
         return None
     try:
@@ -295,7 +299,7 @@ def run_app(settings: dict[str, str], state_dir: Path, options: Options) -> tupl
     if options.profile:
         target = profile_path(state_dir, options)
         target.parent.mkdir(parents=True, exist_ok=True)
-        command += ["--profile", str(target)]
+        command += ["--profile", str(target), "--profile-clock", options.profile_clock]
     wall0 = time.perf_counter()
     proc = subprocess.Popen(command, cwd=str(REPO_ROOT), env=child_env(settings))
     _, status, usage = os.wait4(proc.pid, 0)
@@ -387,6 +391,9 @@ def figures(options: Options, loaded: Loaded, app: dict[str, Any], rusage: dict[
     complete = (result_rows.get("distinctIncidents") == floor.incidents == n
                 and rows["DefenderAlerts_CL"] == floor.alerts and rows["DefenderEvidence_CL"] == floor.evidence
                 and result_rows["duplicateRecordIds"] == 0 and app["done"])
+    # The child's own high-water mark (VmHWM, per address space). ru_maxrss is only a fallback: Linux carries the
+    # parent's RSS at fork/exec time into the child's ru_maxrss, so with a large emulator process it over-reports.
+    peak = app.get("peakRssBytes") or rusage["maxRssBytes"]
     samples = app.get("rssSamples") or []
     trajectory = {}
     for quarter in (0.25, 0.5, 0.75, 1.0):
@@ -422,9 +429,13 @@ def figures(options: Options, loaded: Loaded, app: dict[str, Any], rusage: dict[
                 if floor.serialise_cpu + floor.build_cpu else None,
                 "emulatorsSeconds": round(emulator_cpu, 3),
                 "azuriteSeconds": round(azurite_cpu, 3) if azurite_cpu is not None else None},
-        "memory": {"appPeakRssBytes": rusage["maxRssBytes"], "appReadyRssBytes": app["readyRssBytes"],
-                   "appGrowthBytes": rusage["maxRssBytes"] - (app["readyRssBytes"] or 0),
-                   "rssTrajectory": trajectory},
+        "memory": {"appPeakRssBytes": peak, "appReadyRssBytes": app["readyRssBytes"],
+                   "appGrowthBytes": peak - (app["readyRssBytes"] or 0) if peak else None,
+                   "peakSource": "VmHWM" if app.get("peakRssBytes") else "ru_maxrss",
+                   "rusageMaxRssBytes": rusage["maxRssBytes"],
+                   "rssTrajectory": trajectory,
+                   "rssSampleMax": max((rss for _, rss in samples), default=None),
+                   "pages": app.get("pages")},
         "wall": {"loadSeconds": round(loaded.seconds, 3), "appProcessSeconds": rusage["wallSeconds"],
                  "pullSeconds": app["pullWallSeconds"], "appImportSeconds": app["importSeconds"],
                  "defenderPullRuns": len(app["runs"])},
@@ -437,6 +448,7 @@ def figures(options: Options, loaded: Loaded, app: dict[str, Any], rusage: dict[
         "runs": app["runs"],
         "tenantOutcomes": app["tenants"],
         "profileFile": str(profile) if profile else None,
+        "profileClock": options.profile_clock if profile else None,
         "stateDir": str(state_dir) if state_dir else None,
     }
 
@@ -476,14 +488,22 @@ def report(r: dict[str, Any]) -> None:
     say(f"app peak RSS: {_mb(m['appPeakRssBytes'])} (after loading function_app: {_mb(m['appReadyRssBytes'])}; "
         f"growth {_mb(m['appGrowthBytes'])}); RSS at 25/50/75/100% of the pull: "
         + ", ".join(_mb(v) for v in m["rssTrajectory"].values()))
+    pages = m.get("pages") or {}
+    largest = pages.get("largestPage")
+    if largest:
+        say(f"  largest page: #{largest['page']} of {pages['pages']}, {largest['incidents']} incidents with "
+            f"{largest['alerts']} alerts and {largest['evidence']} evidence; pages that raised the peak most: "
+            + "; ".join(f"#{p['page']} ({p['alerts']} alerts, {p['evidence']} evidence: "
+                        f"{_mb(p['peakRssBefore'])} -> {_mb(p['peakRssAfter'])})" for p in pages["peakRaisers"]))
     say(f"wall: pull {w['pullSeconds']:.1f} s in {w['defenderPullRuns']} defender_pull run(s); app process "
         f"{w['appProcessSeconds']:.1f} s; emulator load {w['loadSeconds']:.1f} s; "
         f"{n / w['pullSeconds'] if w['pullSeconds'] else 0:,.0f} incidents/s")
     http = r["appHttp"]
     parts = []
     for name, calls in http.items():
-        methods = ", ".join(f"{k} {v}" for k, v in sorted(calls["methods"].items()))
-        parts.append(f"{name} {calls['requests']:,} ({methods}; {calls['seconds']:.1f} s waiting)")
+        seconds = calls.get("methodSeconds", {})
+        methods = ", ".join(f"{k} {v} in {seconds.get(k, 0.0):.1f} s" for k, v in sorted(calls["methods"].items()))
+        parts.append(f"{name} {calls['requests']:,} ({methods})")
     say("app HTTP calls: " + "; ".join(parts))
     pages = g.get("incidentsList", 0) or 1
     table = http.get("table", {})
@@ -494,8 +514,8 @@ def report(r: dict[str, Any]) -> None:
         f"({ing['bytesUncompressed'] / MB:.1f} MB JSON)")
     if r.get("profileFile"):
         costs = top_costs(Path(r["profileFile"]))
-        say(f"profile of the app's defender_pull calls ({r['profileFile']}; cProfile: the CPU figures above include "
-            "its overhead)")
+        say(f"profile of the app's defender_pull calls ({r['profileFile']}, {r['profileClock']} clock; the CPU "
+            "figures above include cProfile's overhead)")
         say("-- by own time --")
         say(costs["tottime"].rstrip())
         say("-- by cumulative time --")
@@ -532,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in sizes:
         options = Options(n, args.tenants, args.page_size, args.mirror, args.seed, args.lookback_days, args.budget,
-                          args.max_runs, args.profile, args.profile_out, args.keep_state)
+                          args.max_runs, args.profile, args.profile_out, args.profile_clock, args.keep_state)
         result = run_size(options)
         report(result)
         results.append(result)

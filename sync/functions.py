@@ -18,6 +18,7 @@ from .models import CycleSummary
 from .pull import TenantPull
 from .runner import describe_error, run_cycle, status
 from .settings import SettingsError, TenantConfig
+from .telemetry import traced_webhook
 from .timeutil import parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def sync_run(req: func.HttpRequest) -> func.HttpResponse:
     return json_response(summary.to_dict())
 
 
+@traced_webhook  # sync.webhook span and counter (result from the JSON answer)
 def sentinel_webhook(req: func.HttpRequest) -> func.HttpResponse:
     """POST sentinel/incidents: the body only names the incident; both sides are re-read before anything changes."""
     from .pushback import WebhookError, handle_webhook

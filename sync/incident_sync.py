@@ -41,6 +41,7 @@ from .mapping import (
 from .merge import MergeResult, merge
 from .mirror_target import MirrorTarget, SentinelTarget
 from .settings import TenantConfig
+from .telemetry import traced_incident_sync
 from .timeutil import canonical_time, parse_time
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class IncidentSyncer:
         self.target: MirrorTarget = target or SentinelTarget(ctx.sentinel)
         self.owner_map = OwnerMap(ctx.settings.owner_map)
 
+    @traced_incident_sync  # sync.incident span: tenantId, incidentId, trigger, result
     def sync(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline, trigger: str,
              defender: dict[str, Any] | None = None) -> SyncOutcome:
         """Bring one incident's two sides together (see the module docstring). Raises ApiError on I/O failure."""
@@ -172,9 +174,16 @@ class IncidentSyncer:
                 return outcome if state.save_link(tid, incident_id, builtin_link, etag=None) else None
         base = fields_from_dict(link.get("base")) if link else None
         writable = tenant.writes_defender and not is_redirected(defender)
-        defender_fields = from_defender(defender)
         merged_box: dict[str, Any] = {}
         current_defender: dict[str, Any] = defender
+
+        def merge_with(current: dict[str, Any]) -> tuple[MergeResult, list[str]]:
+            sentinel_fields, problems = from_sentinel(current, owner_map=self.owner_map, base=base,
+                                                      defender=current_defender)
+            return merge(base, from_defender(current_defender), sentinel_fields,
+                         policy=self.ctx.settings.conflict_policy,
+                         defender_time=_time(current_defender.get("lastUpdateDateTime")),
+                         sentinel_time=_time(current.get("lastModifiedTimeUtc")), defender_writable=writable), problems
 
         def mutate(current: dict[str, Any] | None) -> dict[str, Any] | None:
             merged_box.clear()
@@ -182,15 +191,10 @@ class IncidentSyncer:
                 if link is not None:
                     merged_box["deleted"] = True
                     return None  # deleted in Sentinel: never recreated
-                result = MergeResult(defender_fields, {}, {}, ())
+                result = MergeResult(from_defender(current_defender), {}, {}, ())
                 merged_box["created"] = True
             else:
-                sentinel_fields, problems = from_sentinel(current, owner_map=self.owner_map, base=base,
-                                                          defender=current_defender)
-                merged_box["problems"] = problems
-                result = merge(base, defender_fields, sentinel_fields, policy=self.ctx.settings.conflict_policy,
-                               defender_time=_time(current_defender.get("lastUpdateDateTime")),
-                               sentinel_time=_time(current.get("lastModifiedTimeUtc")), defender_writable=writable)
+                result, merged_box["problems"] = merge_with(current)
             merged_box["result"] = result
             desired = to_sentinel_properties(current_defender, result.merged, current, owner_map=self.owner_map,
                                              tenant_name=tenant.name,
@@ -200,7 +204,20 @@ class IncidentSyncer:
             merged_box["sentinelWrite"] = True
             return desired
 
-        resource = self.target.write(name, mutate, deadline=deadline)
+        # Read the mirror and write Defender FIRST, then the mirror from what Defender answered: Defender reacts to a
+        # write (resolving an incident resolves its alerts, which the description lists), and writing the mirror
+        # from the pre-write read would leave it stale, costing a second Sentinel write on the next sync.
+        current_resource = self.target.read(name, deadline=deadline)
+        defender_changes: dict[str, Any] = {}
+        first_merged: SyncedFields | None = None
+        if current_resource is not None and writable:
+            first, _problems = merge_with(current_resource.get("properties") or {})
+            first_merged = first.merged
+            patch = to_defender_patch(first.merged, defender)
+            if patch:
+                defender = current_defender = self._patch_defender(tid, incident_id, patch, defender, deadline)
+                defender_changes.update(patch)
+        resource = self.target.write(name, mutate, deadline=deadline, current=current_resource)
         if merged_box.get("deleted"):
             outcome.result, outcome.reason = "ignored", "the Sentinel incident was deleted; not recreated"
             log.warning("mirrored Sentinel incident was deleted; it is not recreated",
@@ -215,10 +232,13 @@ class IncidentSyncer:
             outcome.sentinel_changes = dict(result.sentinel_changes) or {"defenderOwnedFields": True}
         if merged_box.get("created"):
             outcome.result = "created"
-        patch = to_defender_patch(result.merged, defender) if writable else {}
-        if patch:
-            defender = self._patch_defender(tid, incident_id, patch, deadline)
-            outcome.defender_changes = patch
+        if writable and result.merged != first_merged:
+            # The mirror changed between the read and the write (409, merged again): Defender follows the final merge.
+            patch = to_defender_patch(result.merged, defender)
+            if patch:
+                defender = self._patch_defender(tid, incident_id, patch, defender, deadline)
+                defender_changes.update(patch)
+        outcome.defender_changes = defender_changes
         outcome.comments_to_sentinel, outcome.comments_to_defender = self._sync_comments(
             tid, incident_id, name, defender, writable, deadline)
         if outcome.result != "created" and (outcome.wrote_defender or outcome.wrote_sentinel):
@@ -239,19 +259,24 @@ class IncidentSyncer:
         link = self.ctx.state.get_link(tenant_id, str(target))
         return self.target.url(str(link["sentinelName"])) if link and link.get("sentinelName") else None
 
-    def _patch_defender(self, tenant_id: str, incident_id: str, patch: dict[str, Any],
+    def _patch_defender(self, tenant_id: str, incident_id: str, patch: dict[str, Any], before: dict[str, Any],
                         deadline: Deadline) -> dict[str, Any]:
+        """PATCH Defender and return the incident as it is now, with its alerts (read again: the PATCH answer has
+        none, and a resolve also resolves the alerts)."""
         graph = self.ctx.graph(tenant_id)
         try:
-            return graph.update_incident(incident_id, patch, deadline=deadline)
+            patched = graph.update_incident(incident_id, patch, deadline=deadline)
         except ApiError as exc:
             # PRODUCT: if Graph refuses inProgress, write active instead.
-            if exc.status == 400 and patch.get("status") == "inProgress":
-                retry = in_progress_fallback(patch)
-                log.info("Graph refused status inProgress; writing active", extra={
-                    "tenantId": tenant_id, "incidentId": incident_id, "action": "patch", "outcome": "fallback"})
-                return graph.update_incident(incident_id, retry, deadline=deadline)
-            raise
+            if not (exc.status == 400 and patch.get("status") == "inProgress"):
+                raise
+            log.info("Graph refused status inProgress; writing active", extra={
+                "tenantId": tenant_id, "incidentId": incident_id, "action": "patch", "outcome": "fallback"})
+            patched = graph.update_incident(incident_id, in_progress_fallback(patch), deadline=deadline)
+        fresh = graph.get_incident(incident_id, deadline=deadline, expand_alerts=True)
+        if fresh is None or "_alertsError" in fresh:
+            return {**patched, "alerts": before.get("alerts") or []}
+        return fresh
 
     def _sync_comments(self, tenant_id: str, incident_id: str, name: str, defender: dict[str, Any],
                        writable: bool, deadline: Deadline) -> tuple[int, int]:

@@ -7,6 +7,7 @@ from the table row; the app links and updates it): it implements the same protoc
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,13 +15,20 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from .budget import Deadline
-from .sentinel import SentinelClient
+from .sentinel import ConflictError, SentinelClient
 
 # Fixed namespace: the Sentinel incident name of a Defender incident never changes across versions or deployments.
 _NAMESPACE = uuid.UUID("9d3c8a0e-6a4f-4f7e-b3f1-2d7e5c9a1b40")
 BUILTIN_PROVIDERS = frozenset({"microsoft xdr", "microsoft 365 defender", "microsoft defender xdr"})
 
 Mutate = Callable[[dict[str, Any] | None], dict[str, Any] | None]
+
+
+class _Unread:
+    """Marker: the caller has not read the incident (``write`` reads it itself)."""
+
+
+UNREAD: Any = _Unread()
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,8 @@ class MirrorTarget(Protocol):
 
     def read(self, name: str, *, deadline: Deadline) -> dict[str, Any] | None: ...
 
-    def write(self, name: str, mutate: Mutate, *, deadline: Deadline) -> dict[str, Any] | None: ...
+    def write(self, name: str, mutate: Mutate, *, deadline: Deadline,
+              current: dict[str, Any] | None = UNREAD) -> dict[str, Any] | None: ...
 
     def find_builtin(self, tenant_id: str, incident_id: str, *, deadline: Deadline) -> dict[str, Any] | None: ...
 
@@ -67,8 +76,22 @@ class SentinelTarget:
     def read(self, name: str, *, deadline: Deadline) -> dict[str, Any] | None:
         return self.client.get_incident(name, deadline=deadline)
 
-    def write(self, name: str, mutate: Mutate, *, deadline: Deadline) -> dict[str, Any] | None:
-        """GET, merge, PUT with the ETag; a 409 re-reads and re-merges."""
+    def write(self, name: str, mutate: Mutate, *, deadline: Deadline,
+              current: dict[str, Any] | None = UNREAD) -> dict[str, Any] | None:
+        """GET, merge, PUT with the ETag; a 409 re-reads and re-merges.
+
+        ``current``: the resource the caller just read (``None``: it did not exist), used for the first attempt
+        instead of a second GET; its etag still guards the PUT, so a write in between is a 409 and a fresh merge.
+        """
+        if current is not UNREAD:
+            wanted = mutate(copy.deepcopy(current["properties"]) if current is not None else None)
+            if wanted is None:
+                return current
+            try:
+                return self.client.put_incident(name, wanted, etag=current["etag"] if current is not None else None,
+                                                deadline=deadline)
+            except ConflictError:
+                pass  # changed since it was read: read, merge and write again
         return self.client.update_incident(name, mutate, deadline=deadline)
 
     def find_builtin(self, tenant_id: str, incident_id: str, *, deadline: Deadline) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from .context import AppContext
 from .http import ApiError
 from .models import CycleSummary, TenantSummary
 from .settings import TenantConfig
+from .telemetry import traced_cycle
 from .timeutil import format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def describe_error(exc: BaseException) -> str:
     return f"{name}: {text}"[:500]
 
 
+@traced_cycle  # sync.cycle span, a sync.tenant span per tenant, per-cycle metrics
 def run_cycle(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], deadline: Deadline,
               factory: CycleFactory, *, since: datetime | None = None) -> CycleSummary:
     """Run ``factory``'s cycle for each tenant, round robin, until all are done or the budget is spent."""

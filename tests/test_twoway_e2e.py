@@ -562,7 +562,7 @@ BAD_INPUTS: dict[str, tuple[Any, int, str | None]] = {
 def test_webhook_rejects_bad_input_and_changes_nothing(env: Env, case: str) -> None:
     a = env.a
     env.incident(a, "1401", customTags=["t1"])
-    pulled(env, WEBHOOK_MAX_BODY_BYTES="2048")
+    pulled(env, WEBHOOK_MAX_BODY_BYTES="8192")
     env.analyst(a, "1401", status="Closed", classification="TruePositive", classification_reason="SuspiciousActivity")
     env.writes.mark()
     defender_before = env.defender(a, "1401")
@@ -575,7 +575,7 @@ def test_webhook_rejects_bad_input_and_changes_nothing(env: Env, case: str) -> N
         raw, content_type = json.dumps(env.sentinel.trigger_body(env.name(a, "1401"))).encode(), "text/plain"
     elif spec == "oversize":
         body = env.sentinel.trigger_body(env.name(a, "1401"))
-        body["object"]["properties"]["description"] = "x" * 4096
+        body["object"]["properties"]["description"] = "x" * 9000
         raw = json.dumps(body).encode()
     elif spec == "props-list":
         body = env.sentinel.trigger_body(env.name(a, "1401"))
