@@ -52,8 +52,10 @@ class CredentialProvider:
         with self._lock:
             if self._app is None:
                 s = self._settings
+                # Instance discovery would ask login.microsoftonline.com about a sovereign or local authority.
                 self._app = DefaultAzureCredential(
                     authority=s.authority_host,
+                    disable_instance_discovery=s.disable_instance_discovery,
                     managed_identity_client_id=s.app_client_id,
                     exclude_interactive_browser_credential=True,
                     exclude_visual_studio_code_credential=True,

@@ -259,3 +259,34 @@ def test_no_secret_or_token_in_logs(two_tenants: Any, caplog: pytest.LogCaptureF
     assert secret not in text
     assert "eyJ" not in text, "a JWT reached the logs"
     assert "AccountKey" not in text
+
+
+@pytest.mark.parametrize("credential", ["secret", "certificate", "federated", "managed-identity"])
+def test_every_graph_credential_kind_pulls(credential: str, emulators: Any, make_app_settings: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenant = world.home_tenant_id if credential == "managed-identity" else world.add_tenant(name="Creds")
+    world.generate(61, tenant, 15)
+    apply_settings(monkeypatch, make_app_settings([tenant], credential=credential))
+    run_timer("defender_pull")
+    assert_complete_once(world, [tenant])
+
+
+def test_app_identity_from_environment_credential(emulators: Any, make_app_settings: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's own identity as a service principal (AZURE_CLIENT_ID/SECRET/TENANT_ID) on a custom authority."""
+    import secrets as pysecrets
+
+    world = emulators.world
+    tenant = world.add_tenant(name="EnvCred")
+    world.generate(62, tenant, 10)
+    settings = make_app_settings([tenant], IDENTITY_ENDPOINT=None, IDENTITY_HEADER=None)
+    secret = pysecrets.token_urlsafe(24)
+    app = emulators.register_app(secret=secret, tenants=[world.home_tenant_id])
+    settings.update({"AZURE_CLIENT_ID": app.client_id, "AZURE_CLIENT_SECRET": secret,
+                     "AZURE_TENANT_ID": world.home_tenant_id})
+    apply_settings(monkeypatch, settings)
+    monkeypatch.delenv("IDENTITY_ENDPOINT", raising=False)
+    monkeypatch.delenv("IDENTITY_HEADER", raising=False)
+    run_timer("defender_pull")
+    assert_complete_once(world, [tenant])

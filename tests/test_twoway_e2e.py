@@ -13,9 +13,11 @@ import logging
 from typing import Any
 
 import pytest
+from azure.storage.queue import QueueClient, TextBase64DecodePolicy
 from conftest import apply_settings
-from harness import http, run_timer
+from harness import http, run_queue, run_timer
 
+from emulators.base import Fault
 from sync.mirror_target import SentinelTarget
 
 GRAPH_WRITES = "graph-writes"
@@ -136,7 +138,8 @@ class Env:
         self.analyst(tenant, incident_id, labels=current + [{"labelName": n} for n in names])
 
     def remove_labels(self, tenant: str, incident_id: str, *names: str) -> None:
-        current = [lbl for lbl in self.get(tenant, incident_id)["properties"]["labels"] if lbl["labelName"] not in names]
+        current = [lbl for lbl in self.get(tenant, incident_id)["properties"]["labels"]
+                   if lbl["labelName"] not in names]
         self.analyst(tenant, incident_id, labels=current)
 
 
@@ -171,7 +174,7 @@ def test_mirror_one_incident_each_with_mapped_fields_and_comments_once(env: Env)
     run_timer("defender_pull")
 
     s = env.sentinel
-    assert len(s.all_incidents()) == 4, "one Sentinel incident per Defender incident (incident IDs repeat across tenants)"
+    assert len(s.all_incidents()) == 4, "one Sentinel incident per Defender incident (IDs repeat across tenants)"
     i101 = env.get(a, "101")
     p = i101["properties"]
     assert p["title"] == "Incident 101 <b>on</b> WS-01"
@@ -245,7 +248,7 @@ def test_redirected_incident_closes_its_mirror_as_undetermined_with_a_link(env: 
     assert not env.writes.graph, "a redirected incident is terminal in Defender: nothing is written back"
     # Analyst reopens the losing mirror: Defender is not touched (redirected is terminal) and the mirror is put back.
     env.analyst(a, "301", status="Active")
-    status, body = env.webhook(a, "301")
+    status, _ = env.webhook(a, "301")
     assert status == 200 and not env.writes.graph
     assert env.get(a, "301")["properties"]["status"] == "Closed"
     env.writes.mark()
@@ -331,7 +334,7 @@ def test_tenant_modes_pull_only_mirrors_without_writing_defender_and_data_only_n
     env.writes.mark()
     env.analyst(a, "601", status="Closed", classification="TruePositive", classification_reason="SuspiciousActivity")
     env.sentinel.analyst_comment(env.name(a, "601"), "closing it")
-    status, body = env.webhook(a, "601")
+    status, _ = env.webhook(a, "601")
     assert status == 200
     http("sync_run", body={"direction": "reconcile"})
     assert not env.writes.graph, "pull-only never writes Defender"
@@ -682,3 +685,51 @@ def test_sweep_catches_comment_and_label_only_edits(env: Env, bumps: bool) -> No
     run_timer("sentinel_reconcile")
     run_timer("defender_pull")
     env.writes.assert_none("sweep at rest")
+
+
+def test_an_analyst_edit_landing_between_the_apps_read_and_write_is_kept(env: Env) -> None:
+    a = env.a
+    env.incident(a, "1801", customTags=["t1"])
+    pulled(env)
+    name = env.name(a, "1801")
+    fired: list[bool] = []
+
+    def analyst_first(request: Any) -> bool:
+        if request.method == "PUT" and request.path.lower().endswith(name) and not fired:
+            fired.append(True)
+            env.add_labels(a, "1801", "mid-write")   # the app's etag is now stale: its PUT gets a 409
+        return False
+
+    env.hub.faults.rule("sentinel", analyst_first, Fault("delay", seconds=0.0))
+    env.world.update_incident(a, "1801", assignedTo="d@contoso.com")
+    run_timer("defender_pull")
+    env.hub.faults.clear()
+    assert fired and [w.status for w in env.sentinel.rejected_writes()] == [409]
+    resource = env.get(a, "1801")
+    assert owner_upn(resource) == "d@contoso.com" and "mid-write" in labels(resource)
+    assert set(env.defender(a, "1801")["customTags"]) == {"t1", "mid-write"}, "merged again after the 409"
+    env.writes.mark()
+    run_timer("defender_pull")
+    run_timer("sentinel_reconcile")
+    env.writes.assert_none("after a 409")
+
+
+def test_queue_fanout_runs_reconcile_per_tenant(env: Env) -> None:
+    a, b = env.a, env.b
+    env.incident(a, "1901")
+    env.incident(b, "1902")
+    settings = pulled(env, SYNC_FANOUT="queue")
+    assert env.sentinel.all_incidents() == [], "with SYNC_FANOUT=queue the timer only enqueues"
+    queue = QueueClient.from_connection_string(settings["AzureWebJobsStorage"], "defender-tenant-work",
+                                               message_decode_policy=TextBase64DecodePolicy())
+    for message in queue.receive_messages(max_messages=32):
+        run_queue(message.content)
+    env.analyst(a, "1901", owner="q@mssp.example")
+    env.analyst(b, "1902", status="Active")
+    run_timer("sentinel_reconcile")
+    messages_ = [json.loads(m.content) for m in queue.receive_messages(max_messages=32)]
+    assert sorted((m["tenantId"], m["direction"]) for m in messages_) == sorted([(a, "reconcile"), (b, "reconcile")])
+    for message in messages_:
+        run_queue(json.dumps(message))
+    assert env.defender(a, "1901")["assignedTo"] == "q@mssp.example"
+    assert env.defender(b, "1902")["status"] == "inProgress"
