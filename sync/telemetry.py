@@ -105,10 +105,10 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 _VALUE_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.S), REDACTED),
-    (re.compile(r"(?i)\b(bearer|basic|sharedkey|sharedaccesssignature|pop)(\s+)[^\s,;\"']+"), rf"\1\2{REDACTED}"),
+    (re.compile(r"(?i)\b(bearer|sharedkey|sharedaccesssignature)(\s+)[^\s,;\"']+"), rf"\1\2{REDACTED}"),
     (re.compile(r"eyJ[A-Za-z0-9_\-]{2,}(?:\.[A-Za-z0-9_\-]*){0,2}"), REDACTED),
     (re.compile(r"(?i)(?:(?<=[?&;\s\"'])|^)((?:sig|signature|client_secret|client_assertion|assertion|access_token|"
-                r"refresh_token|id_token|code|api[-_]?key|key|token|password|pwd|secret|accountkey|sharedaccesskey|"
+                r"refresh_token|id_token|api[-_]?key|key|token|password|pwd|secret|accountkey|sharedaccesskey|"
                 r"sharedaccesssignature|x-identity-header)=)[^&;#\s\"']*"), rf"\1{REDACTED}"),
 )
 

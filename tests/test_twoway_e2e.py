@@ -382,6 +382,8 @@ def test_close_in_sentinel_round_trip_then_replay_then_reopen(env: Env) -> None:
     graph_writes = len(env.writes.graph)
     assert graph_writes == 2, f"one PATCH and one comment, got {[(w.kind, w.body) for w in env.writes.graph]}"
     assert "determination:malware" in labels(env.get(a, "801"))
+    # On the Sentinel side, one PUT adds the app's determination label (a closure's own repair); no comment echo.
+    assert env.writes.sentinel_count == 1 and env.sentinel.writes(kind="comment") == 0
     # Re-delivered webhook: nothing changes.
     env.writes.mark()
     for _ in range(2):
@@ -487,19 +489,34 @@ def test_tags_add_and_remove_both_ways_as_sets(env: Env) -> None:
     env.writes.assert_none("tags at rest")
 
 
-@pytest.mark.parametrize("policy,expected", [("latest", "sentinel@mssp.example"), ("defender", "defender@contoso.com"),
-                                             ("sentinel", "sentinel@mssp.example")])
-def test_conflict_policy(env: Env, policy: str, expected: str) -> None:
+@pytest.mark.parametrize("policy,winner", [("latest", "sentinel"), ("defender", "defender"),
+                                           ("sentinel", "sentinel")])
+def test_conflict_policy(env: Env, policy: str, winner: str) -> None:
     a = env.a
-    env.incident(a, "1201")
+    env.incident(a, "1201", customTags=["base"])
     pulled(env, SYNC_CONFLICT_POLICY=policy)
-    env.world.update_incident(a, "1201", assignedTo="defender@contoso.com")
-    env.analyst(a, "1201", owner="sentinel@mssp.example")            # later than Defender's edit
+    env.world.update_incident(a, "1201", assignedTo="defender@contoso.com", status="resolved",
+                              classification="truePositive", determination="malware", customTags=["base", "d"])
+    env.analyst(a, "1201", owner="sentinel@mssp.example", status="Closed", classification="FalsePositive",
+                classification_reason="InaccurateData")            # later than Defender's edit
+    env.remove_labels(a, "1201", "base")
     env.webhook(a, "1201")
-    assert env.defender(a, "1201")["assignedTo"] == expected
-    assert owner_upn(env.get(a, "1201")) == expected
+    d, resource = env.defender(a, "1201"), env.get(a, "1201")
+    p = resource["properties"]
+    if winner == "sentinel":
+        assert (d["assignedTo"], d["classification"], d["determination"]) == (
+            "sentinel@mssp.example", "falsePositive", "other")
+        assert (owner_upn(resource), p["classification"]) == ("sentinel@mssp.example", "FalsePositive")
+    else:
+        assert (d["assignedTo"], d["classification"], d["determination"]) == (
+            "defender@contoso.com", "truePositive", "malware")
+        assert (owner_upn(resource), p["classification"]) == ("defender@contoso.com", "TruePositive")
+        assert "determination:malware" in labels(resource)
+    assert d["status"] == "resolved" and p["status"] == "Closed"
+    assert set(d["customTags"]) == {"d"} and labels(resource) & {"base", "d"} == {"d"}, "tags merge as sets"
     env.writes.mark()
     run_timer("defender_pull")
+    run_timer("sentinel_reconcile")
     env.writes.assert_none("after a conflict")
 
 
