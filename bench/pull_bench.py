@@ -372,10 +372,11 @@ def run_size(options: Options) -> dict[str, Any]:
     finally:
         hub.stop()
         azurite.stop()
-        if not options.keep_state and not options.profile:
+        keep = options.keep_state or (options.profile and options.profile_out is None)  # the pstats live there
+        if not keep:
             shutil.rmtree(state_dir, ignore_errors=True)
     return figures(options, loaded, app, rusage, graph, result_rows, floor, emulator_cpu, azurite_cpu, profile,
-                   state_dir if options.keep_state or options.profile else None)
+                   state_dir if keep else None)
 
 
 def figures(options: Options, loaded: Loaded, app: dict[str, Any], rusage: dict[str, Any], graph: dict[str, int],
@@ -477,6 +478,11 @@ def report(r: dict[str, Any]) -> None:
         f"minimum at page size {r['pageSize']}: {g['minimumListRequests']:,}")
     say(f"graph requests per incident: {g['requestsPerIncident']:.4f} vs minimum {g['minimumPerIncident']:.4f} "
         f"(ratio {g['ratioToMinimum']})")
+    processed = (m.get("pages") or {}).get("pages") or 0
+    if processed:
+        say(f"  {processed:,} pages reached the engine, {n / processed:.1f} new incidents each: every keyset query "
+            "(le the oldest time seen) returns the boundary incident(s) again, and every daily slice ends with a "
+            "partial page")
     say(f"app CPU: {c['appPullSeconds']:.2f} s in defender_pull = {c['appPullPer1k']:.3f} s per 1,000 incidents; "
         f"floor (json.dumps + gzip of the same rows) {c['floorPer1k']:.3f} s per 1,000 -> {c['ratioToFloor']}x "
         "the floor")
@@ -532,14 +538,20 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     diff = large["memory"]["appPeakRssBytes"] - small["memory"]["appPeakRssBytes"]
     extra = large["incidents"] - small["incidents"]
     per_1k = diff * 1000 / extra if extra else 0.0
+    largest = [((r["memory"].get("pages") or {}).get("largestPage") or {}) for r in ordered]
     out = {"sizes": [r["incidents"] for r in ordered],
            "peakRssBytes": [r["memory"]["appPeakRssBytes"] for r in ordered],
            "differenceBytes": diff, "differencePer1kIncidentsBytes": round(per_1k),
+           "largestPageItems": [p.get("alerts", 0) + p.get("evidence", 0) for p in largest],
            "cpuPer1k": [r["cpu"]["appPullPer1k"] for r in ordered],
            "graphRatio": [r["graph"]["ratioToMinimum"] for r in ordered]}
     say(f"== peak RSS vs N: {small['incidents']:,} -> {_mb(small['memory']['appPeakRssBytes'])}; "
         f"{large['incidents']:,} -> {_mb(large['memory']['appPeakRssBytes'])}; difference {_mb(diff)} for "
         f"{extra:,} more incidents ({per_1k / 1024:.1f} KB per 1,000)")
+    say("   largest page (alerts + evidence) per size: "
+        + ", ".join(f"{r['incidents']:,}: {n:,}" for r, n in zip(ordered, out["largestPageItems"], strict=True))
+        + " (the peak follows the biggest page, which grows only with the odds of meeting an incident with "
+          "hundreds of alerts; see the pages that raised it above)")
     return out
 
 

@@ -239,7 +239,7 @@ class IncidentSyncer:
                 defender = self._patch_defender(tid, incident_id, patch, defender, deadline)
                 defender_changes.update(patch)
         outcome.defender_changes = defender_changes
-        outcome.comments_to_sentinel, outcome.comments_to_defender = self._sync_comments(
+        outcome.comments_to_sentinel, outcome.comments_to_defender, sentinel_comments = self._sync_comments(
             tid, incident_id, name, defender, writable, deadline)
         if outcome.result != "created" and (outcome.wrote_defender or outcome.wrote_sentinel):
             outcome.result = "applied"
@@ -247,7 +247,10 @@ class IncidentSyncer:
         outcome.sentinel_etag = (resource or {}).get("etag")
         new_link: dict[str, Any] = {"sentinelName": name, "state": LINK_ACTIVE, "base": fields_to_dict(result.merged),
                     "defenderVersion": max(version, canonical_time(str(defender.get("lastUpdateDateTime")))),
-                    "sentinelModified": sentinel_modified, "redirected": is_redirected(defender)}
+                    "sentinelModified": sentinel_modified, "redirected": is_redirected(defender),
+                    # What the mirror looked like when both sides agreed: the reconcile sweep re-syncs an incident
+                    # only when this differs (a comment- or label-only edit need not move lastModifiedTimeUtc).
+                    "sentinelComments": sentinel_comments, "sentinelLabels": label_names(resource)}
         if not state.save_link(tid, incident_id, new_link, etag=link_etag):
             return None
         return outcome
@@ -279,9 +282,10 @@ class IncidentSyncer:
         return fresh
 
     def _sync_comments(self, tenant_id: str, incident_id: str, name: str, defender: dict[str, Any],
-                       writable: bool, deadline: Deadline) -> tuple[int, int]:
+                       writable: bool, deadline: Deadline) -> tuple[int, int, int]:
         """Copy comments each way once: Sentinel IDs derive from the source comment, Defender copies carry the
-        source key in their marker, and copies (marked) are never copied back."""
+        source key in their marker, and copies (marked) are never copied back. Returns the copies made each way
+        and how many comments the mirror has now."""
         to_sentinel = to_defender = 0
         existing = self.target.comments(name, deadline=deadline)
         existing_ids = {c.comment_id.lower() for c in existing}
@@ -304,7 +308,7 @@ class IncidentSyncer:
             existing_ids.add(comment_id.lower())
             to_sentinel += 1
         if not writable:
-            return to_sentinel, to_defender
+            return to_sentinel, to_defender, len(existing) + to_sentinel
         copied = {mirrored_comment_key(c.text) for c in defender_comments} - {None}
         for sc in existing:
             if not sc.text.strip() or is_mirrored_comment(sc.text) is not None:
@@ -316,7 +320,29 @@ class IncidentSyncer:
                 incident_id, mirrored_comment_text("sentinel", sc.author, sc.created, sc.text), deadline=deadline)
             copied.add(key)
             to_defender += 1
-        return to_sentinel, to_defender
+        return to_sentinel, to_defender, len(existing) + to_sentinel
+
+
+def label_names(resource: dict[str, Any] | None) -> list[str]:
+    """The sorted label names of a Sentinel incident resource."""
+    labels = ((resource or {}).get("properties") or {}).get("labels")
+    if not isinstance(labels, list):
+        return []
+    return sorted(str(x.get("labelName")) for x in labels if isinstance(x, dict))
+
+
+def unchanged_since_sync(link: dict[str, Any], resource: dict[str, Any]) -> bool:
+    """Whether the mirror is exactly as the app left it at the link's last sync: same ``lastModifiedTimeUtc``,
+    comment count and labels. Comment- and label-only edits may not move ``lastModifiedTimeUtc``; the comment count
+    (``additionalData.commentsCount``) and the labels show them. Unknown values count as changed."""
+    props = resource.get("properties") or {}
+    modified, stored = props.get("lastModifiedTimeUtc"), link.get("sentinelModified")
+    if not modified or not stored or canonical_time(str(modified)) != canonical_time(str(stored)):
+        return False
+    count = (props.get("additionalData") or {}).get("commentsCount")
+    if not isinstance(count, int) or isinstance(count, bool) or count != link.get("sentinelComments"):
+        return False
+    return label_names(resource) == link.get("sentinelLabels")
 
 
 def _time(value: object) -> Any:

@@ -16,13 +16,13 @@ from typing import Any
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
 from .http import ApiError
-from .incident_sync import LINK_ACTIVE, IncidentSyncer, SyncOutcome
+from .incident_sync import LINK_ACTIVE, IncidentSyncer, SyncOutcome, unchanged_since_sync
 from .mapping import SOURCE_LABEL
 from .models import TenantSummary
 from .runner import describe_error
 from .settings import TenantConfig
 from .state import Lease
-from .timeutil import canonical_time, format_time, parse_time, utcnow
+from .timeutil import format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ _INCIDENT_ID = re.compile(
     r"workspaces/[^/]+)/providers/Microsoft\.SecurityInsights/incidents/(?P<name>[^/?#\s]+)$", re.IGNORECASE)
 LEASE_SECONDS = 60.0
 LISTED_PER_STEP = 20
-SWEEP_PER_RUN = 100
-SWEEP_PER_STEP = 10
+SWEEP_PER_RUN = 100           # full syncs (Graph + Sentinel reads) the sweep may start per run and tenant
+SWEEP_CHECKS_PER_RUN = 2000   # cheap checks (one Sentinel GET each) per run and tenant
+SWEEP_PER_STEP = 25
 
 
 class WebhookError(Exception):
@@ -114,6 +115,7 @@ class ReconcileCycle:
         self._listing: Iterator[dict[str, Any]] | None = None
         self._listing_started = utcnow()
         self._swept = 0
+        self._checked = 0
         self._syncer = IncidentSyncer(ctx)
         self._sweep: Iterator[tuple[str, dict[str, Any]]] | None = None
 
@@ -189,15 +191,14 @@ class ReconcileCycle:
         if found is None or found[0] != self.tenant.tenant_id:
             return
         _tenant, incident_id, link = found
-        modified = props.get("lastModifiedTimeUtc")
-        if link.get("state") != LINK_ACTIVE or (
-                modified and link.get("sentinelModified")
-                and canonical_time(str(modified)) == canonical_time(str(link["sentinelModified"]))):
+        if link.get("state") != LINK_ACTIVE or unchanged_since_sync(link, incident):
             return  # unchanged since the app last synced it (its own write included): no echo
         self._sync(incident_id, "reconcile")
 
     def _sweep_step(self) -> bool:
-        if self._swept >= SWEEP_PER_RUN or self.since is not None:
+        """Walk the tenant's active links (resumably): one Sentinel GET tells whether the mirror is as the app left
+        it; only a mirror that changed (or cannot tell) gets a full sync."""
+        if self._swept >= SWEEP_PER_RUN or self._checked >= SWEEP_CHECKS_PER_RUN or self.since is not None:
             return False
         if self._sweep is None:
             after = str(self._marker.get("sweepAfter") or "")
@@ -211,10 +212,25 @@ class ReconcileCycle:
             incident_id, link = item
             self._marker["sweepAfter"] = incident_id
             if link.get("state") == LINK_ACTIVE and not link.get("redirected"):
+                self._checked += 1
+                if self._mirror_unchanged(incident_id, link):
+                    continue
                 self._swept += 1
                 self._sync(incident_id, "sweep")
         self._save_marker()
-        return self._swept < SWEEP_PER_RUN
+        return self._swept < SWEEP_PER_RUN and self._checked < SWEEP_CHECKS_PER_RUN
+
+    def _mirror_unchanged(self, incident_id: str, link: dict[str, Any]) -> bool:
+        try:
+            resource = self._syncer.target.read(str(link.get("sentinelName", "")), deadline=self.deadline)
+        except BudgetExhausted:
+            raise
+        except ApiError as exc:
+            log.info("sweep could not read the mirror; syncing it instead", extra={
+                "tenantId": self.tenant.tenant_id, "incidentId": incident_id, "action": "sweep",
+                "outcome": "read-error", "error": describe_error(exc)})
+            return False
+        return resource is not None and unchanged_since_sync(link, resource)
 
     def _sync(self, incident_id: str, trigger: str) -> SyncOutcome | None:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -38,7 +39,7 @@ NAME_INDEX = "~sentinel-name"  # partition of the links table indexing Sentinel 
 ALL_TABLES = (TENANTS, INCIDENTS, LEASES, DEAD_LETTERS, LINKS)
 
 BATCH_LIMIT = 100           # Table service transaction limit
-OR_LIMIT = 14               # the service allows 15 comparisons per filter; one is the PartitionKey
+READ_WORKERS = 8            # concurrent point reads per page
 PROPERTY_CHARS = 30_000     # string properties hold 64 KiB of UTF-16: stay well under
 MAX_CHUNKS = 25             # an entity holds 1 MiB; keep JSON spill under ~750 KB
 DEAD_LETTER_MAX_RETRIES = 5
@@ -179,24 +180,26 @@ class StateStore:
 
     # ----------------------------------------------------------------- ingested versions
     def get_versions(self, tenant_id: str, incident_ids: Iterable[str]) -> dict[str, IncidentVersion]:
-        """The stored versions of these incidents, in a few OR-queries instead of one read each."""
+        """The stored versions of these incidents, by point reads a few at a time.
+
+        Point reads cost the same however many incidents a tenant has; an ``or`` of RowKeys is a partition scan
+        that grows with the tenant (measured: 13 ms per page at 2k incidents, 71 ms at 50k).
+        """
         ids = list(dict.fromkeys(incident_ids))
-        found: dict[str, IncidentVersion] = {}
         table = self.table(INCIDENTS)
         pk = _key(tenant_id)
-        for start in range(0, len(ids), OR_LIMIT):
-            group = ids[start:start + OR_LIMIT]
-            params: dict[str, Any] = {"pk": pk}
-            clauses = []
-            for i, incident_id in enumerate(group):
-                params[f"r{i}"] = _key(incident_id)
-                clauses.append(f"RowKey eq @r{i}")
-            query = f"PartitionKey eq @pk and ( {' or '.join(clauses)} )"
-            for e in table.query_entities(query, parameters=params):
-                version = IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
-                                          alerts=_join_json("Alerts", e, {}))
-                found[version.incident_id] = version
-        return found
+
+        def read(incident_id: str) -> IncidentVersion | None:
+            try:
+                e = table.get_entity(pk, _key(incident_id))
+            except ResourceNotFoundError:
+                return None
+            return IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
+                                   alerts=_join_json("Alerts", e, {}))
+
+        with ThreadPoolExecutor(max_workers=min(READ_WORKERS, max(1, len(ids)))) as pool:
+            versions = list(pool.map(read, ids))
+        return {v.incident_id: v for v in versions if v is not None}
 
     def save_versions(self, tenant_id: str, versions: Iterable[IncidentVersion]) -> None:
         """Record ingested versions, in transactions of at most 100 entities."""

@@ -41,7 +41,7 @@ from sync.mirror_target import SentinelTarget
 def _seeds() -> list[int]:
     raw = os.environ.get("MODEL_SEEDS", "").strip()
     if not raw:
-        return list(range(1, 13))
+        return list(range(1, 31))
     if "," in raw:
         return [int(x) for x in raw.split(",") if x.strip()]
     if "-" in raw:
@@ -77,8 +77,9 @@ APP_LABELS = ("defender-sync", "redirected")
 DEFENDER_MARK = "[Synced from Defender XDR"
 SENTINEL_MARK = "[Synced from Microsoft Sentinel"
 
-FIGURES: dict[str, Any] = {"seeds": 0, "operations": Counter(), "changes": 0, "defender_changes": 0,
-                           "sentinel_changes": 0, "graph_writes": 0, "sentinel_writes": 0, "quiesce_rounds": []}
+FIGURES: dict[str, Any] = {"seeds": 0, "operations": Counter(), "events": Counter(), "changes": 0,
+                           "defender_changes": 0, "sentinel_changes": 0, "graph_writes": 0, "sentinel_writes": 0,
+                           "quiesce_rounds": []}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,6 +92,7 @@ def report(request: pytest.FixtureRequest) -> Iterator[None]:
     lines = [
         f"model test: {FIGURES['seeds']} seeds, {sum(ops.values())} operations "
         f"({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})",
+        f"  events: {', '.join(f'{k} {v}' for k, v in sorted(FIGURES['events'].items()))}",
         f"  real synced changes: {FIGURES['changes']} (Defender {FIGURES['defender_changes']}, "
         f"Sentinel {FIGURES['sentinel_changes']})",
         f"  writes: Graph {FIGURES['graph_writes']}, Sentinel {FIGURES['sentinel_writes']}; "
@@ -126,7 +128,8 @@ class Model:
     incidents: list[tuple[str, str]] = field(default_factory=list)        # (tenant, incident ID)
     pending: list[dict[str, Any]] = field(default_factory=list)           # delayed trigger bodies
     log: list[str] = field(default_factory=list)
-    ops: Counter[str] = field(default_factory=Counter)
+    ops: Counter[str] = field(default_factory=Counter)          # operations drawn
+    events: Counter[str] = field(default_factory=Counter)       # webhook fates, faults that fired or not
     defender_changes: int = 0
     sentinel_changes: int = 0
     comment_counter: int = 0
@@ -228,7 +231,7 @@ class Model:
         body = self.sentinel.trigger_body(self.name(tenant, incident_id))
         fate = "later" if self.in_flight else self.rng.choices(["now", "drop", "twice", "later"],
                                                                weights=[45, 20, 10, 25])[0]
-        self.ops[f"webhook-{fate}"] += 1
+        self.events[f"webhook-{fate}"] += 1
         if fate == "later":
             self.pending.append(body)
             return
@@ -326,7 +329,7 @@ class Model:
         retried by the client)."""
         service = self.rng.choice(["graph", "sentinel"])
         writes_only = self.rng.random() < 0.3
-        k = self.rng.randint(1, 2 if writes_only else 4)
+        k = self.rng.randint(1, 2 if writes_only else 3)
         fault = Fault("drop") if self.rng.random() < 0.25 else Fault("status", 400)
         self._during_next_run(f"crash {service} k={k}{' write' if writes_only else ''} {fault.kind}", service, k,
                               writes_only, fault, None)
@@ -381,7 +384,7 @@ class Model:
         finally:
             self.hub.faults.clear()
         self.note(f"  {'fired' if fired else 'did not fire'}")
-        self.ops[f"{what.split()[0]}-{'fired' if fired else 'missed'}"] += 1
+        self.events[f"{what.split()[0]}-{'fired' if fired else 'missed'}"] += 1
 
     def restart(self) -> None:
         """A new worker process: a fresh context (clients, caches) built from the same settings."""
@@ -582,6 +585,7 @@ def test_random_interleavings_converge(seed: int, emulators: Any, make_app_setti
 
     FIGURES["seeds"] += 1
     FIGURES["operations"].update(model.ops)
+    FIGURES["events"].update(model.events)
     FIGURES["defender_changes"] += model.defender_changes
     FIGURES["sentinel_changes"] += model.sentinel_changes
     FIGURES["changes"] += model.defender_changes + model.sentinel_changes

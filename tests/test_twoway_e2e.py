@@ -750,3 +750,65 @@ def test_queue_fanout_runs_reconcile_per_tenant(env: Env) -> None:
         run_queue(json.dumps(message))
     assert env.defender(a, "1901")["assignedTo"] == "q@mssp.example"
     assert env.defender(b, "1902")["status"] == "inProgress"
+
+
+def test_one_reconcile_run_finds_every_comment_only_edit_among_many_incidents(env: Env) -> None:
+    """Comment-only edits move nothing the listing can see; a harness that stops at the first quiet round must
+    still find every one of them after a single reconcile run, even past the first hundred links."""
+    a = env.a
+    for n in range(130):
+        env.world.add_incident(a, {"id": str(5000 + n), "severity": "low", "alerts": [alert(f"a{n}")]})
+    pulled(env)
+    env.sentinel.comment_bumps_modified = False
+    for n in range(130):
+        env.sentinel.analyst_comment(env.name(a, str(5000 + n)), f"late note {n}")
+    run_timer("sentinel_reconcile")
+    missing = [n for n in range(130) if not any(c.endswith(f"\nlate note {n}")
+                                                for c in defender_comments(env.world, a, str(5000 + n)))]
+    assert not missing, f"{len(missing)} comment-only edits not found by one reconcile run: {missing[:10]}"
+    env.writes.mark()
+    run_timer("sentinel_reconcile")
+    env.writes.assert_none("reconcile after the sweep")
+
+
+def test_each_kind_of_change_costs_one_write_on_the_other_side(env: Env) -> None:
+    """Writes per synced change, one change at a time: (Graph writes, Sentinel writes) each one causes."""
+    a = env.a
+    env.incident(a, "2001", customTags=["t"])
+    pulled(env)
+    name = env.name(a, "2001")
+
+    def cost(change: Any, deliver: str) -> tuple[int, int]:
+        env.writes.mark()
+        change()
+        if deliver == "pull":
+            run_timer("defender_pull")
+        else:
+            env.webhook(a, "2001")
+        cost = (len(env.writes.graph), env.writes.sentinel_count)
+        env.writes.mark()
+        run_timer("defender_pull")
+        run_timer("sentinel_reconcile")
+        env.writes.assert_none("after the change")
+        return cost
+
+    world = env.world
+    measured = {
+        "defender owner": cost(lambda: world.update_incident(a, "2001", assignedTo="o@contoso.com"), "pull"),
+        "defender tag": cost(lambda: world.update_incident(a, "2001", customTags=["t", "u"]), "pull"),
+        "defender status": cost(lambda: world.update_incident(a, "2001", status="inProgress"), "pull"),
+        "defender comment": cost(lambda: world.update_incident(a, "2001", comments=[comment("d note")]), "pull"),
+        "defender resolve": cost(lambda: world.update_incident(a, "2001", status="resolved",
+                                                               classification="truePositive",
+                                                               determination="phishing"), "pull"),
+        "sentinel reopen": cost(lambda: env.analyst(a, "2001", status="Active"), "webhook"),
+        "sentinel owner": cost(lambda: env.analyst(a, "2001", owner="s@mssp.example"), "webhook"),
+        "sentinel tag": cost(lambda: env.add_labels(a, "2001", "v"), "webhook"),
+        "sentinel comment": cost(lambda: env.sentinel.analyst_comment(name, "s note"), "webhook"),
+        # A closure (reopen) in Sentinel also adds (removes) the app's determination label: one write on each side.
+        "sentinel close": cost(lambda: env.analyst(a, "2001", status="Closed", classification="BenignPositive",
+                                                   classification_reason="SuspiciousButExpected"), "webhook"),
+    }
+    expected = {k: ((0, 1) if k.startswith("defender") else (1, 0)) for k in measured}
+    expected["sentinel close"] = expected["sentinel reopen"] = (1, 1)
+    assert measured == expected
