@@ -48,6 +48,7 @@ class _Slice:
     lower: str
     upper: str
     resume: KeysetPosition | None = None
+    resumed: bool = False   # a slice a previous run started: its first page may already be stored
 
 
 class TenantPull:
@@ -70,6 +71,8 @@ class TenantPull:
         self._current: _Slice | None = None
         self._pages: Iterator[IncidentPage] | None = None
         self._retried = since is not None  # a one-off re-read leaves dead letters to the regular runs
+        self._after_resume = False
+        self._known_through: str | None = None
         self._graph = ctx.graph(tenant.tenant_id)
         self._stats_base = (self._graph_stats().requests, self._graph_stats().throttled)
 
@@ -106,7 +109,7 @@ class TenantPull:
         else:
             if state.slice_lower and state.slice_upper:
                 resume = KeysetPosition.from_dict(state.position) if state.position else None
-                slices.append(_Slice(state.slice_lower, state.slice_upper, resume))
+                slices.append(_Slice(state.slice_lower, state.slice_upper, resume, resumed=True))
                 lower = parse_time(state.slice_upper) - timedelta(seconds=s.overlap_seconds)
             elif state.cursor:
                 lower = parse_time(state.cursor) - timedelta(seconds=s.overlap_seconds)
@@ -131,6 +134,8 @@ class TenantPull:
             if not self._slices:
                 return False
             self._current = self._slices.pop(0)
+            # The page after a resumed position may have been stored by the run that stopped before checkpointing.
+            self._start_slice(self._current)
             self._pages = self._graph.iter_incident_pages(
                 parse_time(self._current.lower), parse_time(self._current.upper), resume=self._current.resume,
                 deadline=self.deadline)
@@ -182,23 +187,27 @@ class TenantPull:
         assert self._state is not None and self._current is not None
         state = self._state
         done = self._current.upper
-        if state.cursor is None or canonical_time(done) > canonical_time(state.cursor):
+        # A one-off re-read ("since") may move the cursor forward only when it started at or before the cursor:
+        # otherwise the time between the cursor and "since" was never read.
+        contiguous = self.since is None or (state.cursor is not None
+                                            and self.since <= parse_time(state.cursor))
+        if contiguous and (state.cursor is None or canonical_time(done) > canonical_time(state.cursor)):
             state.cursor = done
         if self.since is None:
-            state.slice_lower = state.slice_upper = None
+            state.slice_lower = state.slice_upper = state.slice_known_through = None
             state.position = None
         self.ctx.state.save_tenant(state)
         self.summary.cursor_after = state.cursor
         self._pages = None
         self._current = None
 
-    def _checkpoint(self, position: KeysetPosition) -> None:
+    def _checkpoint(self, position: KeysetPosition | None) -> None:
         assert self._state is not None and self._current is not None
         if self.since is not None:
             return  # a one-off re-read never moves the stored progress
         state = self._state
         state.slice_lower, state.slice_upper = self._current.lower, self._current.upper
-        state.position = position.to_dict()
+        state.position = position.to_dict() if position is not None else None
         self.ctx.state.save_tenant(state)
 
     def _retry_dead_letters(self) -> None:
@@ -213,6 +222,7 @@ class TenantPull:
                 store.resolve_dead_letter(self.tenant.tenant_id, letter.kind, letter.key)
                 continue
             if letter.kind in ("incident", "ingest"):
+                self._after_resume = True  # an older version of it may be stored: look it up
                 if letter.key in self._process([incident]):
                     store.resolve_dead_letter(self.tenant.tenant_id, letter.kind, letter.key)
             elif self.hook is not None and self.tenant.mirrors and passes_filters(self.tenant, incident):
@@ -224,7 +234,9 @@ class TenantPull:
         store = self.ctx.state
         incidents = [i for i in page if isinstance(i, dict)]
         ids_seen: set[str] = set()
-        versions = store.get_versions(tenant.tenant_id, [str(i.get("id")) for i in incidents])
+        versions = store.get_versions(tenant.tenant_id, [str(i.get("id")) for i in incidents
+                                                         if self._may_be_known(i)])
+        self._after_resume = False
         read_at = utcnow()
         rows: dict[str, list[dict[str, Any]]] = {"DefenderIncidents_CL": [], "DefenderAlerts_CL": [],
                                                  "DefenderEvidence_CL": []}
@@ -278,6 +290,41 @@ class TenantPull:
                 if str(incident.get("id")) not in failed:
                     self.hook(tenant, incident, self.summary, self.deadline)
         return {v.incident_id for v in stored} | ids_seen
+
+    def _start_slice(self, current: _Slice) -> None:
+        """Record that a slice is being read before its first page is stored, so a crash inside it is recognised
+        and the next run knows which incidents it may already have seen."""
+        assert self._state is not None
+        state = self._state
+        self._after_resume = current.resumed
+        if current.resumed:
+            self._known_through = state.slice_known_through
+            return
+        self._known_through = state.read_through
+        if state.read_through is None or canonical_time(current.upper) > canonical_time(state.read_through):
+            state.read_through = current.upper
+        if self.since is None:
+            state.slice_known_through = self._known_through
+            self._checkpoint(None)
+        else:
+            self.ctx.state.save_tenant(state)
+
+    def _may_be_known(self, incident: dict[str, Any]) -> bool:
+        """Whether the state may hold a version of this incident, so it must be looked up.
+
+        Every version the app ever read came from a window that ended at or before ``read_through`` as it was when
+        this slice started, or from the one page after a resumed position: an incident created after that was never
+        read (all times here are Graph's own clock). This spares a backfill one Table read per incident, while the
+        steady-state updates of older incidents are still looked up.
+        """
+        if self.since is not None or self._after_resume:
+            return True
+        if self._known_through is None:
+            return False
+        try:
+            return canonical_time(str(incident.get("createdDateTime"))) <= canonical_time(self._known_through)
+        except ValueError:
+            return True
 
     def _rows_for(self, incident: dict[str, Any], previous: IncidentVersion | None, read_at: datetime
                   ) -> tuple[IncidentVersion, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]] | None:

@@ -82,6 +82,8 @@ class TenantState:
     slice_lower: str | None = None
     slice_upper: str | None = None
     position: dict[str, Any] | None = None
+    read_through: str | None = None          # upper bound of every window ever read (pages may be stored)
+    slice_known_through: str | None = None   # read_through as it was when the slice in progress started
     last_run: dict[str, Any] | None = None
     etag: str | None = None
 
@@ -160,6 +162,8 @@ class StateStore:
             slice_lower=e.get("SliceLower") or None,
             slice_upper=e.get("SliceUpper") or None,
             position=_join_json("Position", e, None),
+            read_through=e.get("ReadThrough") or None,
+            slice_known_through=e.get("SliceKnownThrough") or None,
             last_run=_join_json("LastRun", e, None),
             etag=e.metadata.get("etag"),
         )
@@ -169,6 +173,7 @@ class StateStore:
         entity: dict[str, Any] = {
             "PartitionKey": "tenant", "RowKey": _key(state.tenant_id), "TenantId": state.tenant_id,
             "Cursor": state.cursor or "", "SliceLower": state.slice_lower or "", "SliceUpper": state.slice_upper or "",
+            "ReadThrough": state.read_through or "", "SliceKnownThrough": state.slice_known_through or "",
         }
         entity.update(_split_json("Position", state.position))
         entity.update(_split_json("LastRun", state.last_run))

@@ -56,7 +56,7 @@ QUIESCE_ROUNDS = 6
 
 OWNER_MAP = {"lead@mssp.example": "lead@contoso.com"}          # Sentinel identity -> Defender identity
 DEFENDER_OWNERS = [None, "kai@contoso.com", "lead@contoso.com", "Mixed.Case@Contoso.com"]
-SENTINEL_OWNERS = [None, "analyst@mssp.example", "lead@mssp.example", "kai@contoso.com"]
+SENTINEL_OWNERS = [None, "analyst@mssp.example", "lead@mssp.example", "kai@contoso.com", "Lead@MSSP.Example"]
 TAGS = ["vip", "finance", "ransomware", "needs-review", "Tier2", "客户", "<b>x</b>"]
 DETERMINATIONS = {
     "truePositive": ["multiStagedAttack", "maliciousUserActivity", "compromisedAccount", "malware", "phishing",
@@ -125,7 +125,11 @@ class Model:
     sentinel: Any
     settings: dict[str, str]
     monkeypatch: pytest.MonkeyPatch
-    incidents: list[tuple[str, str]] = field(default_factory=list)        # (tenant, incident ID)
+    incidents: list[tuple[str, str]] = field(default_factory=list)        # live (tenant, incident ID): both sides
+    redirected: list[tuple[str, str, str]] = field(default_factory=list)  # (tenant, loser, winner) merged in Defender
+    gone: list[tuple[str, str]] = field(default_factory=list)             # deleted in Defender (404)
+    deleted: list[tuple[str, str]] = field(default_factory=list)          # Sentinel incident deleted by an analyst
+    pull_only: set[str] = field(default_factory=set)                      # tenants in mode pull-only
     pending: list[dict[str, Any]] = field(default_factory=list)           # delayed trigger bodies
     log: list[str] = field(default_factory=list)
     ops: Counter[str] = field(default_factory=Counter)          # operations drawn
@@ -218,6 +222,42 @@ class Model:
         self.defender_changes += 1
         self.note(f"D {tenant[:4]}/{incident_id} comment")
 
+    def _tenant_with(self, minimum: int) -> str | None:
+        tenants = sorted({t for t, _ in self.incidents if sum(1 for u, _ in self.incidents if u == t) >= minimum})
+        return self.rng.choice(tenants) if tenants else None
+
+    def defender_redirect(self) -> None:
+        """Defender merges one incident into another (the loser becomes ``redirected``, its alerts move)."""
+        tenant = self._tenant_with(3)
+        if tenant is None:
+            return
+        loser, winner = self.rng.sample([i for t, i in self.incidents if t == tenant], 2)
+        self.world.redirect_incident(tenant, loser, winner)
+        self.incidents.remove((tenant, loser))
+        self.redirected.append((tenant, loser, winner))
+        self.defender_changes += 1
+        self.note(f"D {tenant[:4]}/{loser} redirected into {winner}")
+
+    def defender_delete(self) -> None:
+        tenant = self._tenant_with(3)
+        if tenant is None:
+            return
+        incident_id = self.rng.choice([i for t, i in self.incidents if t == tenant])
+        self.world.delete_incident(tenant, incident_id)
+        self.incidents.remove((tenant, incident_id))
+        self.gone.append((tenant, incident_id))
+        self.note(f"D {tenant[:4]}/{incident_id} deleted (404 from now on)")
+
+    def sentinel_delete(self) -> None:
+        tenant = self._tenant_with(3)
+        if tenant is None:
+            return
+        incident_id = self.rng.choice([i for t, i in self.incidents if t == tenant])
+        self.sentinel.analyst_delete(self.name(tenant, incident_id))
+        self.incidents.remove((tenant, incident_id))
+        self.deleted.append((tenant, incident_id))
+        self.note(f"S {tenant[:4]}/{incident_id} deleted by an analyst")
+
     # -------------------------------------------------------------------------------- Sentinel side
 
     def _analyst(self, tenant: str, incident_id: str, what: str, **changes: Any) -> None:
@@ -265,7 +305,7 @@ class Model:
         tenant, incident_id = self.pick()
         props = self.resource(tenant, incident_id)["properties"]
         current = ((props.get("owner") or {}).get("userPrincipalName") or "").lower() or None
-        owner = self.rng.choice([o for o in SENTINEL_OWNERS if o != current])
+        owner = self.rng.choice([o for o in SENTINEL_OWNERS if (o.lower() if o else None) != current])
         self._analyst(tenant, incident_id, f"owner={owner}", owner=owner)
 
     def sentinel_labels(self, determination: bool = False) -> None:
@@ -401,46 +441,76 @@ class Model:
     def disagreements(self) -> list[str]:
         problems: list[str] = []
         for tenant, incident_id in self.incidents:
-            where = f"{tenant[:4]}/{incident_id}"
-            d = self.defender(tenant, incident_id)
-            resource = self.sentinel.get(self.name(tenant, incident_id))
-            if resource is None:
-                problems.append(f"{where}: no Sentinel incident")
-                continue
-            p = resource["properties"]
-            if STATUS_TO_SENTINEL[d["status"]] != p["status"]:
-                problems.append(f"{where}: status D={d['status']} S={p['status']}")
-            s_owner = ((p.get("owner") or {}).get("userPrincipalName") or "").lower() or None
-            s_owner = OWNER_MAP.get(s_owner, s_owner) if s_owner else None
-            d_owner = (d.get("assignedTo") or "").lower() or None
-            if s_owner != d_owner:
-                problems.append(f"{where}: owner D={d_owner} S={s_owner}")
-            label_names = [lbl["labelName"] for lbl in p.get("labels") or []]
-            s_tags = {n for n in label_names if not _is_app_label(n)}
-            d_tags = {t for t in d.get("customTags") or [] if not _is_app_label(t)}
-            if s_tags != d_tags:
-                problems.append(f"{where}: tags D={sorted(d_tags)} S={sorted(s_tags)}")
-            det_labels = {n for n in label_names if n.startswith("determination:")}
-            if d["status"] == "resolved" and p["status"] == "Closed":
-                if CLASSIFICATION_FROM_SENTINEL.get(p.get("classification")) != d["classification"]:
-                    problems.append(f"{where}: classification D={d['classification']} S={p.get('classification')}")
-                det = d["determination"]
-                if det not in DETERMINATIONS.get(d["classification"], []):
-                    problems.append(f"{where}: determination {det} invalid for {d['classification']}")
-                want = set() if det == "unknown" else {f"determination:{det}"}
-                if det_labels != want:
-                    problems.append(f"{where}: determination D={det} S labels={sorted(det_labels)}")
-            elif det_labels:
-                problems.append(f"{where}: open incident with determination labels {sorted(det_labels)}")
-            if not {"defender-sync"} <= set(label_names):
-                problems.append(f"{where}: labels lost defender-sync: {label_names}")
-            problems.extend(self._comment_problems(where, d, self.sentinel.comments(self.name(tenant, incident_id))))
+            problems.extend(self._incident_problems(tenant, incident_id))
+        for tenant, loser, winner in self.redirected:
+            problems.extend(self._incident_problems(tenant, loser, winner=winner))
+        for tenant, incident_id in self.deleted:
+            if self.sentinel.get(self.name(tenant, incident_id)) is not None:
+                problems.append(f"{tenant[:4]}/{incident_id}: a deleted Sentinel incident was recreated")
+        for tenant in self.pull_only:
+            written = [w for w in self.world.graph.writes if w.tenant_id == tenant]
+            if written:
+                problems.append(f"pull-only tenant {tenant[:4]} got Graph writes: {[w.body for w in written][:3]}")
         return problems
 
-    def _comment_problems(self, where: str, d: dict[str, Any], s_comments: list[dict[str, Any]]) -> list[str]:
+    def _incident_problems(self, tenant: str, incident_id: str, winner: str | None = None) -> list[str]:
+        """How the two sides of one incident disagree, per PRODUCT.md's mapping (empty when in sync)."""
+        problems: list[str] = []
+        where = f"{tenant[:4]}/{incident_id}"
+        d = self.defender(tenant, incident_id)
+        resource = self.sentinel.get(self.name(tenant, incident_id))
+        if resource is None:
+            return [f"{where}: no Sentinel incident"]
+        p = resource["properties"]
+        label_names = [lbl["labelName"] for lbl in p.get("labels") or []]
+        det_labels = {n for n in label_names if n.startswith("determination:")}
+        if winner is not None:
+            if (p["status"], p.get("classification")) != ("Closed", "Undetermined") or "redirected" not in label_names:
+                problems.append(f"{where}: redirected into {winner} but Sentinel shows {p['status']}/"
+                                f"{p.get('classification')} labels {label_names}")
+            links = [c for c in self.sentinel.comments(self.name(tenant, incident_id))
+                     if f"into incident {winner}" in c["properties"]["message"]]
+            if len(links) != 1:
+                problems.append(f"{where}: {len(links)} comments link the surviving incident {winner}")
+            if det_labels:
+                problems.append(f"{where}: redirected incident with determination labels {sorted(det_labels)}")
+        elif STATUS_TO_SENTINEL[d["status"]] != p["status"]:
+            problems.append(f"{where}: status D={d['status']} S={p['status']}")
+        elif d["status"] == "resolved":
+            if CLASSIFICATION_FROM_SENTINEL.get(p.get("classification")) != d["classification"]:
+                problems.append(f"{where}: classification D={d['classification']} S={p.get('classification')}")
+            det = d["determination"]
+            if det not in DETERMINATIONS.get(d["classification"], []):
+                problems.append(f"{where}: determination {det} invalid for {d['classification']}")
+            want = set() if det == "unknown" else {f"determination:{det}"}
+            if det_labels != want:
+                problems.append(f"{where}: determination D={det} S labels={sorted(det_labels)}")
+        elif det_labels:
+            problems.append(f"{where}: open incident with determination labels {sorted(det_labels)}")
+        s_owner = ((p.get("owner") or {}).get("userPrincipalName") or "").lower() or None
+        s_owner = OWNER_MAP.get(s_owner, s_owner) if s_owner else None
+        d_owner = (d.get("assignedTo") or "").lower() or None
+        if s_owner != d_owner:
+            problems.append(f"{where}: owner D={d_owner} S={s_owner}")
+        s_tags = {n for n in label_names if not _is_app_label(n)}
+        d_tags = {t for t in d.get("customTags") or [] if not _is_app_label(t)}
+        if s_tags != d_tags:
+            problems.append(f"{where}: tags D={sorted(d_tags)} S={sorted(s_tags)}")
+        if "defender-sync" not in label_names:
+            problems.append(f"{where}: labels lost defender-sync: {label_names}")
+        # Sentinel comments reach Defender only where the app writes Defender (not pull-only, not redirected).
+        to_defender = tenant not in self.pull_only and winner is None
+        problems.extend(self._comment_problems(where, d, self.sentinel.comments(self.name(tenant, incident_id)),
+                                               to_defender=to_defender))
+        return problems
+
+    def _comment_problems(self, where: str, d: dict[str, Any], s_comments: list[dict[str, Any]], *,
+                          to_defender: bool) -> list[str]:
         problems = []
         d_texts = [c["comment"] for c in d.get("comments") or []]
-        s_texts = [c["properties"]["message"] for c in s_comments]
+        # The redirect note the app writes on a merged incident's mirror is its own, not a copied comment.
+        s_texts = [c["properties"]["message"] for c in s_comments
+                   if not c["properties"]["message"].startswith(f"{DEFENDER_MARK} · Defender XDR · ref:")]
         d_native = [t for t in d_texts if not t.startswith((DEFENDER_MARK, SENTINEL_MARK))]
         s_native = [t for t in s_texts if not t.startswith((DEFENDER_MARK, SENTINEL_MARK))]
         d_copies = Counter(t.split("\n", 1)[1] for t in s_texts if t.startswith(DEFENDER_MARK))
@@ -450,6 +520,8 @@ class Model:
         if any(t.startswith(SENTINEL_MARK) for t in s_texts):
             problems.append(f"{where}: a Sentinel comment was echoed back to Sentinel")
         for side, native, copies in (("Defender", d_native, d_copies), ("Sentinel", s_native, s_copies)):
+            if side == "Sentinel" and not to_defender:
+                native = []
             want = Counter(native)
             if copies != want:
                 missing = want - copies
@@ -473,14 +545,21 @@ def _probe_links(model: Model) -> None:
     run_timer("sentinel_reconcile")
     for n, (tenant, incident_id) in enumerate(model.incidents):
         tags = list(model.defender(tenant, incident_id).get("customTags") or [])
-        assert f"probe-s{n}" in tags, f"seed {model.seed}: {tenant[:4]}/{incident_id}: Sentinel label not synced"
-        assert any(c["comment"].endswith(f"\nprobe comment {n}")
-                   for c in model.defender(tenant, incident_id)["comments"]), f"seed {model.seed}: probe comment"
+        copied = any(c["comment"].endswith(f"\nprobe comment {n}")
+                     for c in model.defender(tenant, incident_id)["comments"])
+        if tenant in model.pull_only:   # Defender wins and is never written: the label is taken off again
+            labels = {lbl["labelName"] for lbl in model.resource(tenant, incident_id)["properties"]["labels"]}
+            assert f"probe-s{n}" not in tags and f"probe-s{n}" not in labels and not copied, (
+                f"seed {model.seed}: pull-only {tenant[:4]}/{incident_id} took a Sentinel edit")
+        else:
+            assert f"probe-s{n}" in tags, f"seed {model.seed}: {tenant[:4]}/{incident_id}: Sentinel label not synced"
+            assert copied, f"seed {model.seed}: {tenant[:4]}/{incident_id}: Sentinel comment not copied"
         model.world.update_incident(tenant, incident_id, customTags=[*tags, f"probe-d{n}"])
     run_timer("defender_pull")
     for n, (tenant, incident_id) in enumerate(model.incidents):
         s_tags = {lbl["labelName"] for lbl in model.resource(tenant, incident_id)["properties"]["labels"]}
-        assert {f"probe-d{n}", f"probe-s{n}"} <= s_tags, (
+        want = {f"probe-d{n}"} | (set() if tenant in model.pull_only else {f"probe-s{n}"})
+        assert want <= s_tags, (
             f"seed {model.seed}: {tenant[:4]}/{incident_id}: Defender tag not mirrored: {sorted(s_tags)}")
     assert not model.disagreements()
 
@@ -495,14 +574,18 @@ def _setup(seed: int, emulators: Any, make_app_settings: Any, monkeypatch: pytes
     world = emulators.world
     tenants = [world.add_tenant(name="Contoso"), world.add_tenant(name="Fabrikam")]
     policy = ["latest", "defender", "sentinel"][seed % 3]
-    settings = make_app_settings(
-        tenants, SYNC_CONFLICT_POLICY=policy, SYNC_OWNER_MAP=json.dumps(OWNER_MAP),
-        SYNC_TENANTS=json.dumps({tenants[0]: {"name": "Contoso"}, tenants[1]: {"name": "Fabrikam"}}))
+    pull_only = seed % 5 == 4           # every fifth seed, the second tenant is pull-only (never writes Defender)
+    overrides = {tenants[0]: {"name": "Contoso"},
+                 tenants[1]: {"name": "Fabrikam", **({"mode": "pull-only"} if pull_only else {})}}
+    settings = make_app_settings(tenants, SYNC_CONFLICT_POLICY=policy, SYNC_OWNER_MAP=json.dumps(OWNER_MAP),
+                                 SYNC_TENANTS=json.dumps(overrides))
     apply_settings(monkeypatch, settings)
     sentinel = emulators.sentinel
     sentinel.comment_bumps_modified = rng.random() < 0.5
     sentinel.label_bumps_modified = rng.random() < 0.7
     model = Model(seed, rng, emulators, world, sentinel, settings, monkeypatch)
+    if pull_only:
+        model.pull_only.add(tenants[1])
     for tenant in tenants:
         for n in range(rng.randint(2, 4)):
             incident_id = str(100 + n)
@@ -522,7 +605,7 @@ def _setup(seed: int, emulators: Any, make_app_settings: Any, monkeypatch: pytes
                                     "createdDateTime": world.clock.now()}]
             world.add_incident(tenant, doc)
             model.incidents.append((tenant, incident_id))
-    model.note(f"policy={policy} comment_bumps={sentinel.comment_bumps_modified} "
+    model.note(f"policy={policy} pull_only={pull_only} comment_bumps={sentinel.comment_bumps_modified} "
                f"label_bumps={sentinel.label_bumps_modified} incidents={len(model.incidents)}")
     run_timer("defender_pull")
     return model
@@ -538,6 +621,8 @@ def _operations(model: Model) -> list[tuple[str, Callable[[], None], int]]:
         ("sentinel-comment", model.sentinel_comment, 5),
         ("pull", model.pull, 8), ("reconcile", model.reconcile, 5), ("deliver-delayed", model.deliver_pending, 6),
         ("crash", model.crash, 4), ("interfere", model.interfere, 4), ("restart", model.restart, 1),
+        ("defender-redirect", model.defender_redirect, 1), ("defender-delete", model.defender_delete, 1),
+        ("sentinel-delete", model.sentinel_delete, 1),
     ]
 
 
