@@ -498,14 +498,15 @@ class Model:
             problems.append(f"{where}: tags D={sorted(d_tags)} S={sorted(s_tags)}")
         if "defender-sync" not in label_names:
             problems.append(f"{where}: labels lost defender-sync: {label_names}")
-        # Sentinel comments reach Defender only where the app writes Defender (not pull-only, not redirected).
-        to_defender = tenant not in self.pull_only and winner is None
+        # Sentinel comments reach Defender only where the app writes Defender: never for a pull-only tenant, and
+        # for a redirected incident only those the app saw before the merge (so at most once each).
+        to_defender = "none" if tenant in self.pull_only else "at-most-once" if winner is not None else "exactly-once"
         problems.extend(self._comment_problems(where, d, self.sentinel.comments(self.name(tenant, incident_id)),
                                                to_defender=to_defender))
         return problems
 
     def _comment_problems(self, where: str, d: dict[str, Any], s_comments: list[dict[str, Any]], *,
-                          to_defender: bool) -> list[str]:
+                          to_defender: str) -> list[str]:
         problems = []
         d_texts = [c["comment"] for c in d.get("comments") or []]
         # The redirect note the app writes on a merged incident's mirror is its own, not a copied comment.
@@ -520,9 +521,9 @@ class Model:
         if any(t.startswith(SENTINEL_MARK) for t in s_texts):
             problems.append(f"{where}: a Sentinel comment was echoed back to Sentinel")
         for side, native, copies in (("Defender", d_native, d_copies), ("Sentinel", s_native, s_copies)):
-            if side == "Sentinel" and not to_defender:
-                native = []
             want = Counter(native)
+            if side == "Sentinel" and to_defender != "exactly-once":
+                want = Counter() if to_defender == "none" else copies & want
             if copies != want:
                 missing = want - copies
                 doubled = {t: n for t, n in copies.items() if n > want.get(t, 0)}
