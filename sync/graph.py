@@ -454,8 +454,10 @@ class GraphSecurityClient:
             raise ValueError("add_comment needs a non-empty comment text")
         url = self._incident_url(incident_id) + "/comments"
         body = {"@odata.type": "microsoft.graph.security.alertComment", "comment": text}
+        # Not idempotent: a retry after an ambiguous failure could post the comment twice. The next sync re-reads the
+        # incident's comments (whose origin markers identify copies) before posting again.
         response = self.session.request("POST", url, deadline=deadline, json=body, headers=PREFER_HEADERS,
-                                        ok=frozenset({200, 201}))
+                                        ok=frozenset({200, 201}), idempotent=False)
         data = _json_body(response, f"comments of incident {incident_id}")
         comments = _value_list(data, f"comments of incident {incident_id}")
         for n, comment in enumerate(comments):

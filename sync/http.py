@@ -152,13 +152,17 @@ class BearerSession:
 
     def request(self, method: str, url: str, *, deadline: Deadline | None = None, json: Any = None,
                 headers: Mapping[str, str] | None = None, ok: frozenset[int] = frozenset({200, 201, 204}),
-                retry_on_conflict: bool = False, attempts: int | None = None) -> requests.Response:
+                retry_on_conflict: bool = False, attempts: int | None = None,
+                idempotent: bool = True) -> requests.Response:
         """Send a request, retrying transient failures; return the response whose status is in ``ok``.
 
         A status outside ``ok`` that is not transient raises :class:`ApiError` at once (404, 400, 409 ...), so
         callers can map it. A wait longer than the remaining budget raises :class:`BudgetExhausted`.
         ``attempts`` overrides ``policy.max_attempts`` for this call (a caller with its own fallback, such as a
-        smaller Graph page, need not sit through the full retry ladder again).
+        smaller Graph page, need not sit through the full retry ladder again). ``idempotent=False`` (a POST that
+        appends, such as a Graph comment): only a throttling answer (429/503, the request was not processed) is
+        retried; a dropped connection or another 5xx may have been applied, so it is raised for the caller, which
+        re-reads before trying again.
         """
         deadline = deadline or Deadline.unlimited()
         last_error: ApiError | None = None
@@ -178,6 +182,8 @@ class BearerSession:
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 # ChunkedEncodingError: the connection dropped mid-body; as transient as a refused connection.
                 last_error = ApiError(f"{method} {_safe_url(url)} failed: {type(exc).__name__}")
+                if not idempotent:
+                    raise last_error from exc
                 wait = self._backoff(attempt)
             else:
                 if response.status_code in ok:
@@ -185,7 +191,8 @@ class BearerSession:
                 code, message = error_message(response)
                 last_error = ApiError(f"{method} {_safe_url(url)} returned {response.status_code}: {message}",
                                       response.status_code, code)
-                if response.status_code not in TRANSIENT_STATUS:
+                if response.status_code not in TRANSIENT_STATUS or (
+                        not idempotent and response.status_code not in THROTTLE_STATUS):
                     raise last_error
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 if response.status_code in THROTTLE_STATUS:

@@ -21,11 +21,17 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
     """The pull's per-incident hook: mirror the version just read. A failure is dead-lettered for this incident
     (and retried by the next version, the reconcile sweep, or a re-run) instead of stopping the tenant's pull."""
     syncer: IncidentSyncer | None = None
+    # Mirror dead letters per tenant, read once: a success clears only a letter that exists (no blind deletes).
+    pending: dict[str, set[str]] = {}
 
     def hook(tenant: TenantConfig, incident: dict[str, Any], summary: TenantSummary, deadline: Deadline) -> None:
         nonlocal syncer
         if syncer is None:
             syncer = IncidentSyncer(ctx)
+        if tenant.tenant_id not in pending:
+            pending[tenant.tenant_id] = {d.key for d in ctx.state.dead_letters(tenant.tenant_id, pending_only=True)
+                                         if d.kind == "mirror"}
+        letters = pending[tenant.tenant_id]
         incident_id = str(incident.get("id"))
         try:
             outcome = syncer.sync(tenant, incident_id, deadline=deadline, trigger="pull", defender=incident)
@@ -34,12 +40,15 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
         except (ApiError, ValueError) as exc:
             letter = ctx.state.dead_letter(tenant.tenant_id, "mirror", incident_id, describe_error(exc),
                                            version=str(incident.get("lastUpdateDateTime")))
+            letters.add(incident_id)
             summary.dead_lettered += 1
             log.warning("mirror failed", extra={"tenantId": tenant.tenant_id, "incidentId": incident_id,
                                                 "action": "mirror", "outcome": "dead-lettered",
                                                 "retryCount": letter.retry_count, "error": describe_error(exc)})
             return
-        ctx.state.resolve_dead_letter(tenant.tenant_id, "mirror", incident_id)
+        if incident_id in letters:
+            ctx.state.resolve_dead_letter(tenant.tenant_id, "mirror", incident_id)
+            letters.discard(incident_id)
         if outcome.wrote_sentinel or outcome.result == "created":
             summary.mirrored += 1
         if outcome.wrote_defender:
