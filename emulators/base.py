@@ -41,6 +41,17 @@ class Service(Protocol):
     def handle(self, request: EmuRequest) -> EmuResponse: ...
 
 
+class EmuError(Exception):
+    """An error answer raised from deep inside a service's request handling (status, code, message, headers)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
 @dataclass
 class Fault:
     """One injected failure. kind: "status" (status + optional Retry-After), "drop" (close the connection without

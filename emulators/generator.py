@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .graph import format_ticks as _fmt
+from .graph import to_ticks as _ticks
+
 TICKS = 10_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -151,23 +154,6 @@ _COMMANDS = ["powershell.exe -nop -w hidden -enc SQBFAFgAIAAoAE4AZQB3AC0ATwBiAGo
              "wmic /node:SRV-DC01 process call create \"cmd /c whoami > C:\\out.txt\""]
 
 
-def _ticks(moment: datetime) -> int:
-    delta = moment - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * TICKS + delta.microseconds * 10
-
-
-_DAYS: dict[int, str] = {}
-
-
-def _fmt(ticks: int) -> str:
-    seconds, frac = divmod(ticks, TICKS)
-    day, second_of_day = divmod(seconds, 86400)
-    prefix = _DAYS.get(day)
-    if prefix is None:
-        prefix = _DAYS[day] = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
-    hour, rest = divmod(second_of_day, 3600)
-    minute, second = divmod(rest, 60)
-    return f"{prefix}{hour:02d}:{minute:02d}:{second:02d}.{frac:07d}Z"
 
 
 class _Random(random.Random):

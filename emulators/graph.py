@@ -58,7 +58,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-from .base import EmuRequest, EmuResponse
+from .base import EmuError, EmuRequest, EmuResponse
 from .tokens import TokenError, TokenIssuer
 
 TICKS_PER_SECOND = 10_000_000
@@ -688,13 +688,8 @@ class _Clause:
     value: Any
 
 
-class _GraphError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
+class _GraphError(EmuError):
+    """An error answer of this service."""
 
 
 def _compare(left: Any, op: str, right: Any) -> bool:

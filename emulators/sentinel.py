@@ -53,7 +53,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from .base import EmuRequest, EmuResponse, FaultPlan
+from .base import EmuError, EmuRequest, EmuResponse, FaultPlan
 
 API_VERSION = "2025-09-01"
 PROVIDER = "Microsoft.SecurityInsights"
@@ -129,15 +129,8 @@ def parse_ticks(text: str) -> int:
 # ---------------------------------------------------------------------------------------------------------- model
 
 
-class _Reject(Exception):
+class _Reject(EmuError):
     """An ARM error response raised from deep inside request handling."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
 
 
 @dataclass

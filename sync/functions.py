@@ -14,7 +14,7 @@ from .budget import BudgetExhausted, Deadline
 from .context import AppContext, get_context
 from .fanout import enqueue_tenants
 from .http import ApiError
-from .models import CycleSummary
+from .models import CycleSummary, RequestError
 from .pull import TenantPull
 from .runner import describe_error, run_cycle, status
 from .settings import SettingsError, TenantConfig
@@ -25,16 +25,6 @@ log = logging.getLogger(__name__)
 
 HTTP_BUDGET_CAP_SECONDS = 200.0   # Azure cuts HTTP responses at 230 s
 DIRECTIONS = ("pull", "reconcile")
-
-
-class RequestError(Exception):
-    """A client error with its HTTP status and machine-readable code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def error_response(status: int, code: str, message: str) -> func.HttpResponse:
@@ -147,15 +137,13 @@ def sync_run(req: func.HttpRequest) -> func.HttpResponse:
 @traced_webhook  # sync.webhook span and counter (result from the JSON answer)
 def sentinel_webhook(req: func.HttpRequest) -> func.HttpResponse:
     """POST sentinel/incidents: the body only names the incident; both sides are re-read before anything changes."""
-    from .pushback import WebhookError, handle_webhook
+    from .pushback import handle_webhook
 
     try:
         ctx = _context_or_error()
         body = _json_body(req, ctx.settings.webhook_max_body_bytes)
         answer = handle_webhook(ctx, body, Deadline(min(ctx.settings.time_budget_seconds, HTTP_BUDGET_CAP_SECONDS)))
     except RequestError as exc:
-        return error_response(exc.status, exc.code, exc.message)
-    except WebhookError as exc:
         log.info("webhook rejected", extra={"action": "webhook", "outcome": exc.code})
         return error_response(exc.status, exc.code, exc.message)
     except (ApiError, BudgetExhausted) as exc:

@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class RequestError(Exception):
+    """A rejected request: HTTP status, machine-readable code, and a message that says how to fix it."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
 @dataclass
 class TenantSummary:
     """One tenant's share of a cycle, in the JSON shape PRODUCT.md fixes (plus a few extra keys)."""

@@ -18,7 +18,7 @@ from .context import AppContext
 from .http import ApiError
 from .incident_sync import LINK_ACTIVE, IncidentSyncer, SyncOutcome, unchanged_since_sync
 from .mapping import SOURCE_LABEL
-from .models import TenantSummary
+from .models import RequestError, TenantSummary
 from .runner import describe_error
 from .settings import TenantConfig
 from .state import Lease
@@ -36,46 +36,36 @@ SWEEP_CHECKS_PER_RUN = 2000   # cheap checks (one Sentinel GET each) per run and
 SWEEP_PER_STEP = 25
 
 
-class WebhookError(Exception):
-    """A rejected webhook call: HTTP status, machine-readable code, and a message saying how to fix it."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 def incident_reference(body: dict[str, Any], workspace_id: str) -> tuple[str, str | None]:
     """(incident name, etag as sent) from a Logic App trigger body or a bare incident resource.
 
-    Only the identity is taken from the body. Raises :class:`WebhookError` 400 for a malformed body and 403 for an
+    Only the identity is taken from the body. Raises :class:`RequestError` 400 for a malformed body and 403 for an
     incident of another workspace.
     """
     obj = body.get("object", body)
     if not isinstance(obj, dict):
-        raise WebhookError(400, "invalid_body", '"object" must be the incident resource (a JSON object)')
+        raise RequestError(400, "invalid_body", '"object" must be the incident resource (a JSON object)')
     resource_id = obj.get("id")
     if not isinstance(resource_id, str) or not resource_id.strip():
-        raise WebhookError(400, "missing_incident_id", 'the body has no incident resource ID: expected "object.id" '
+        raise RequestError(400, "missing_incident_id", 'the body has no incident resource ID: expected "object.id" '
                            '(Logic App trigger body) or "id" (incident resource)')
     match = _INCIDENT_ID.match(resource_id.strip())
     if match is None:
-        raise WebhookError(400, "invalid_incident_id", "the incident ID must be a Sentinel incident ARM resource ID "
+        raise RequestError(400, "invalid_incident_id", "the incident ID must be a Sentinel incident ARM resource ID "
                            "(.../workspaces/<ws>/providers/Microsoft.SecurityInsights/incidents/<name>)")
     if match.group("workspace").lower() != workspace_id.lower():
-        raise WebhookError(403, "wrong_workspace", "the incident belongs to another workspace than "
+        raise RequestError(403, "wrong_workspace", "the incident belongs to another workspace than "
                            "SENTINEL_WORKSPACE_ID; this webhook only serves its own workspace")
     name = match.group("name")
     declared = obj.get("name")
     if declared is not None and (not isinstance(declared, str) or declared.lower() != name.lower()):
-        raise WebhookError(400, "inconsistent_incident", '"name" does not match the incident resource ID')
+        raise RequestError(400, "inconsistent_incident", '"name" does not match the incident resource ID')
     etag = obj.get("etag")
     if etag is not None and not isinstance(etag, str):
-        raise WebhookError(400, "invalid_body", '"etag" must be a string')
+        raise RequestError(400, "invalid_body", '"etag" must be a string')
     properties = obj.get("properties")
     if properties is not None and not isinstance(properties, dict):
-        raise WebhookError(400, "invalid_body", '"properties" must be an object')
+        raise RequestError(400, "invalid_body", '"properties" must be an object')
     return name, etag
 
 
