@@ -15,6 +15,7 @@ class Deadline:
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        self.total = seconds
         self._end = clock() + seconds
 
     def remaining(self) -> float:
@@ -24,6 +25,10 @@ class Deadline:
     def expired(self, reserve: float = 0.0) -> bool:
         """True when fewer than ``reserve`` seconds are left."""
         return self.remaining() <= reserve
+
+    def reserve(self, seconds: float, share: float = 0.25) -> float:
+        """A safety margin of ``seconds``, but at most ``share`` of the whole budget (small budgets still work)."""
+        return min(seconds, self.total * share)
 
     def check(self, reserve: float = 0.0) -> None:
         """Raise :class:`BudgetExhausted` when fewer than ``reserve`` seconds are left."""

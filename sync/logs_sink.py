@@ -237,7 +237,7 @@ class LogsSink:
             pending.append((sendable[start:end], 2 + sum(sizes[start:end]) + 2 * (end - start - 1)))
         while pending:
             chunk, chunk_bytes = pending.popleft()
-            if deadline is not None and deadline.remaining() < self.min_call_seconds:
+            if deadline is not None and deadline.expired(deadline.reserve(self.min_call_seconds, 0.2)):
                 pending.appendleft((chunk, chunk_bytes))
                 result.budget_spent = True
                 self._give_up(result, table, failed, pending, "not sent: the run's time budget is spent")

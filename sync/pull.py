@@ -124,7 +124,7 @@ class TenantPull:
     def step(self) -> bool:
         """Process one page. Returns True while work remains."""
         assert self._state is not None and self._lease is not None
-        self.deadline.check(STEP_RESERVE_SECONDS)
+        self.deadline.check(self.deadline.reserve(STEP_RESERVE_SECONDS))
         self._keep_lease()
         if not self._retried:
             self._retried = True
@@ -216,7 +216,7 @@ class TenantPull:
         letters = [d for d in store.dead_letters(self.tenant.tenant_id, pending_only=True)
                    if d.kind in ("incident", "ingest", "mirror")][:DEAD_LETTER_RETRIES_PER_RUN]
         for letter in letters:
-            self.deadline.check(STEP_RESERVE_SECONDS)
+            self.deadline.check(self.deadline.reserve(STEP_RESERVE_SECONDS))
             incident = self._graph.get_incident(letter.key, deadline=self.deadline, expand_alerts=True)
             if incident is None:
                 store.resolve_dead_letter(self.tenant.tenant_id, letter.kind, letter.key)

@@ -129,7 +129,7 @@ class ReconcileCycle:
         return True
 
     def step(self) -> bool:
-        self.deadline.check(3.0)
+        self.deadline.check(self.deadline.reserve(3.0))
         self._keep_lease()
         if self._listing is not None:
             for _ in range(LISTED_PER_STEP):

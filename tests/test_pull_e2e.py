@@ -290,3 +290,23 @@ def test_app_identity_from_environment_credential(emulators: Any, make_app_setti
     monkeypatch.delenv("IDENTITY_HEADER", raising=False)
     run_timer("defender_pull")
     assert_complete_once(world, [tenant])
+
+
+def test_a_tiny_budget_still_makes_progress_and_is_respected(emulators: Any, make_app_settings: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    world = emulators.world
+    tenant = world.add_tenant(name="Tiny")
+    world.generate(71, tenant, 60)
+    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="10", SYNC_TIME_BUDGET_SECONDS="2"))
+    emulators.faults.rule("graph", lambda req: "security/incidents" in req.path, Fault("delay", seconds=0.3))
+    for _ in range(40):
+        started = time.monotonic()
+        status, summary = http("sync_run", body={})
+        # The run stops between steps once the budget is spent; one step (a page and its upload) may finish.
+        assert status == 200 and time.monotonic() - started < 2 + 8
+        if not summary["budgetExhausted"] and summary["tenants"][0]["outcome"] == "success":
+            break
+    emulators.faults.clear()
+    assert_complete_once(world, [tenant])
