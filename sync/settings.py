@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 Mode = Literal["sync", "pull-only", "data-only"]
@@ -297,6 +297,21 @@ class _Reader:
             return default
         return value.lower()
 
+    def json_object(self, name: str, what: str) -> dict[str, Any] | None:
+        """The setting parsed as a JSON object; None (and a problem naming ``what`` is expected) otherwise."""
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            self.problems.append(f"{name} is not valid JSON ({exc.msg} at position {exc.pos}): it must be {what}.")
+            return None
+        if not isinstance(parsed, dict):
+            self.problems.append(f"{name} must be a JSON object: {what}.")
+            return None
+        return parsed
+
     def tenant_ids(self) -> list[str]:
         raw = self.optional("DEFENDER_TENANT_IDS")
         if raw is None:
@@ -318,19 +333,10 @@ class _Reader:
         return ids
 
     def tenants(self, ids: list[str]) -> tuple[TenantConfig, ...]:
-        raw = self.optional("SYNC_TENANTS")
         overrides: dict[str, object] = {}
-        if raw is not None:
-            try:
-                parsed = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                self.problems.append(f"SYNC_TENANTS is not valid JSON ({exc.msg} at position {exc.pos}): it must be "
-                                     'an object keyed by tenant ID, e.g. {"<tenant-guid>": {"name": "Contoso", '
-                                     '"mode": "pull-only"}}.')
-                parsed = {}
-            if not isinstance(parsed, dict):
-                self.problems.append("SYNC_TENANTS must be a JSON object keyed by tenant ID.")
-                parsed = {}
+        parsed = self.json_object("SYNC_TENANTS", 'an object keyed by tenant ID, e.g. {"<tenant-guid>": '
+                                                  '{"name": "Contoso", "mode": "pull-only"}}')
+        if parsed is not None:
             overrides = {str(k).strip().lower(): v for k, v in parsed.items()}
             for key in overrides:
                 if key not in ids:
@@ -379,18 +385,12 @@ class _Reader:
                             service_sources=source_set)
 
     def owner_map(self) -> dict[str, str]:
-        raw = self.optional("SYNC_OWNER_MAP")
-        if raw is None:
+        example = ('an object mapping the Sentinel-side identity to the Defender-side one, e.g. '
+                   '{"analyst@mssp.com": "analyst@customer.com"}')
+        parsed = self.json_object("SYNC_OWNER_MAP", example)
+        if parsed is None:
             return {}
-        try:
-            parsed = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            self.problems.append(f"SYNC_OWNER_MAP is not valid JSON ({exc.msg}): it must be an object mapping the "
-                                 'Sentinel-side identity to the Defender-side one, e.g. {"analyst@mssp.com": '
-                                 '"analyst@customer.com"}.')
-            return {}
-        if not isinstance(parsed, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in parsed.items()):
+        if not all(isinstance(v, str) for v in parsed.values()):
             self.problems.append("SYNC_OWNER_MAP must be a JSON object of strings (Sentinel identity -> Defender "
                                  "identity).")
             return {}
