@@ -36,7 +36,7 @@ class AppContext:
     def state(self) -> StateStore:
         with self._lock:
             if self._state is None:
-                store = StateStore.from_config(self.settings.storage, self.credentials.app())
+                store = StateStore.from_config(self.settings.storage, self.credentials.storage())
                 store.ensure_tables()
                 self._state = store
             return self._state

@@ -45,6 +45,7 @@ class CredentialProvider:
         self._settings = settings
         self._lock = threading.Lock()
         self._app: TokenCredential | None = None
+        self._storage: TokenCredential | None = None
         self._graph: dict[str, TokenCredential] = {}
 
     def app(self) -> TokenCredential:
@@ -62,6 +63,19 @@ class CredentialProvider:
                     exclude_shared_token_cache_credential=True,
                 )
             return self._app
+
+    def storage(self) -> TokenCredential:
+        """The identity for identity-based state storage: ``__clientId`` when it names another identity."""
+        client_id = self._settings.storage.client_id
+        if client_id is None or client_id == self._settings.app_client_id:
+            return self.app()
+        with self._lock:
+            if self._storage is None:
+                self._storage = DefaultAzureCredential(
+                    authority=self._settings.authority_host, managed_identity_client_id=client_id,
+                    disable_instance_discovery=self._settings.disable_instance_discovery,
+                    exclude_interactive_browser_credential=True)
+            return self._storage
 
     def graph(self, tenant_id: str) -> TokenCredential:
         """The credential that calls Graph in ``tenant_id``; never shared between tenants."""

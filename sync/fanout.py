@@ -19,7 +19,7 @@ def queue_client(ctx: AppContext) -> QueueClient:
                                                   message_encode_policy=policy)
     if s.storage.queue_uri is None:
         raise ValueError("identity-based storage needs a queue service URI for SYNC_FANOUT=queue")
-    return QueueClient(s.storage.queue_uri, s.queue_name, credential=ctx.credentials.app(),
+    return QueueClient(s.storage.queue_uri, s.queue_name, credential=ctx.credentials.storage(),
                        message_encode_policy=policy)
 
 

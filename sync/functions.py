@@ -10,13 +10,13 @@ from typing import Any
 
 import azure.functions as func
 
-from .budget import BudgetExhausted, Deadline
+from .budget import Deadline
 from .context import AppContext, get_context
 from .fanout import enqueue_tenants
-from .http import ApiError
+from .http import describe_error
 from .models import CycleSummary, RequestError
 from .pull import TenantPull
-from .runner import describe_error, run_cycle, status
+from .runner import run_cycle, status
 from .settings import SettingsError, TenantConfig
 from .telemetry import traced_webhook
 from .timeutil import parse_time, utcnow
@@ -146,9 +146,10 @@ def sentinel_webhook(req: func.HttpRequest) -> func.HttpResponse:
     except RequestError as exc:
         log.info("webhook rejected", extra={"action": "webhook", "outcome": exc.code})
         return error_response(exc.status, exc.code, exc.message)
-    except (ApiError, BudgetExhausted) as exc:
+    except Exception as exc:  # Graph, Sentinel, Table Storage or the identity failed: nothing was half-decided
         # Transient or upstream failure: the Logic App retries, and the reconcile timer catches it regardless.
-        log.warning("webhook could not sync the incident", extra={"action": "webhook", "outcome": "upstream-error"})
+        log.warning("webhook could not sync the incident", extra={"action": "webhook", "outcome": "upstream-error",
+                                                                  "error": describe_error(exc)})
         return error_response(503, "upstream_unavailable", f"could not sync the incident now ({describe_error(exc)});"
                                                            " it will be retried")
     return json_response(answer)
@@ -158,9 +159,12 @@ def sync_status(req: func.HttpRequest) -> func.HttpResponse:
     """GET sync/status."""
     try:
         ctx = _context_or_error()
+        body = status(ctx)
     except RequestError as exc:
         return error_response(exc.status, exc.code, exc.message)
-    return json_response(status(ctx))
+    except Exception as exc:  # the state store is unreachable
+        return error_response(503, "state_unavailable", f"could not read the sync state: {describe_error(exc)}")
+    return json_response(body)
 
 
 def _requested_tenants(ctx: AppContext, raw: object) -> list[TenantConfig]:
@@ -207,7 +211,7 @@ def _json_body(req: func.HttpRequest, limit: int, *, allow_empty: bool = False) 
             return {}
         raise RequestError(400, "empty_body", "the body is empty; send a JSON object")
     content_type = (req.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+    if content_type != "application/json" and not content_type.endswith("+json"):
         raise RequestError(415, "unsupported_media_type", f"Content-Type must be application/json, not "
                                                           f"{content_type[:64]!r}")
     try:

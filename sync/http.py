@@ -210,6 +210,15 @@ class BearerSession:
         raise last_error
 
 
+def describe_error(exc: BaseException) -> str:
+    """A short, secret-free description of a failure for summaries and status."""
+    if isinstance(exc, ApiError):
+        return str(exc)[:500]
+    name = type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{name}: {text}"[:500]
+
+
 def _safe_url(url: str) -> str:
     """The URL without its query string (which can be long and carries nothing secret, but is noisy)."""
     return url.split("?", 1)[0]

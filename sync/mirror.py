@@ -7,11 +7,10 @@ from typing import Any
 
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
-from .http import ApiError
+from .http import ApiError, describe_error
 from .incident_sync import IncidentSyncer
 from .models import TenantSummary
 from .pull import IncidentHook
-from .runner import describe_error
 from .settings import TenantConfig
 
 log = logging.getLogger(__name__)

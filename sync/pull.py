@@ -21,18 +21,17 @@ from .budget import BudgetExhausted, Deadline
 from .context import AppContext
 from .filters import passes_filters
 from .graph import IncidentPage, KeysetPosition
-from .http import ApiError
+from .http import ApiError, describe_error
 from .models import TenantSummary
 from .rows import alert_row, evidence_rows, incident_row
 from .settings import TenantConfig
-from .state import IncidentVersion, Lease, TenantState, run_record
+from .state import IncidentVersion, LeaseKeeper, TenantState, run_record
 from .timeutil import canonical_time, format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
 
 SLICE = timedelta(days=1)
 LEASE_SECONDS = 60.0
-LEASE_RENEW_BELOW = 40.0
 STEP_RESERVE_SECONDS = 8.0  # room to store a fetched page (the sink starts no call with < 5 s left)
 DEAD_LETTER_RETRIES_PER_RUN = 20
 
@@ -65,7 +64,7 @@ class TenantPull:
         self.upper = now or self.started
         self.owner = f"{ctx.instance_id}-{uuid.uuid4().hex[:8]}"
         self.summary = TenantSummary(tenant_id=tenant.tenant_id)
-        self._lease: Lease | None = None
+        self._lease: LeaseKeeper | None = None
         self._state: TenantState | None = None
         self._slices: list[_Slice] = []
         self._current: _Slice | None = None
@@ -87,17 +86,28 @@ class TenantPull:
     def start(self) -> bool:
         """Take the tenant's lease and plan the slices. False when another instance is working this tenant."""
         store = self.ctx.state
-        self._lease = store.acquire_lease(self.tenant.tenant_id, "pull", self.owner, LEASE_SECONDS)
-        if self._lease is None:
+        lease = store.acquire_lease(self.tenant.tenant_id, "pull", self.owner, LEASE_SECONDS)
+        if lease is None:
             self.summary.outcome = "skipped"
             self.summary.error = "another instance holds this tenant's lease; skipped"
             self._log("pull", "skipped-leased")
             return False
-        state = store.get_tenant(self.tenant.tenant_id)
-        self._state = state
-        self.summary.cursor_before = state.cursor
-        self.summary.cursor_after = state.cursor
-        self._slices = self._plan(state)
+        self._lease = LeaseKeeper(store, lease, LEASE_SECONDS)
+        try:
+            state = store.get_tenant(self.tenant.tenant_id)
+            self._state = state
+            self.summary.cursor_before = state.cursor
+            self.summary.cursor_after = state.cursor
+            self._slices = self._plan(state)
+            if not self._slices and state.cursor is None and self.since is None:
+                # A zero lookback: start from now instead of never starting.
+                state.cursor = format_time(self.upper)
+                store.save_tenant(state)
+                self.summary.cursor_after = state.cursor
+        except Exception:
+            self._lease.release()
+            self._lease = None
+            raise
         return True
 
     def _plan(self, state: TenantState) -> list[_Slice]:
@@ -161,14 +171,15 @@ class TenantPull:
         if self._lease is not None and self._state is not None:
             store = self.ctx.state
             try:
-                # Re-read: a failed step may have left in-memory state ahead of what was stored.
-                state = store.get_tenant(self.tenant.tenant_id)
-                state.last_run = run_record(self.started, utcnow(), self.summary.outcome,
-                                            {k: v for k, v in self.summary.to_dict().items() if k != "notes"})
-                store.save_tenant(state)
-                self.summary.cursor_after = state.cursor
+                if not self._lease.lost:  # the new owner's progress is not ours to overwrite
+                    # Re-read: a failed step may have left in-memory state ahead of what was stored.
+                    state = store.get_tenant(self.tenant.tenant_id)
+                    state.last_run = run_record(self.started, utcnow(), self.summary.outcome,
+                                                {k: v for k, v in self.summary.to_dict().items() if k != "notes"})
+                    store.save_tenant(state)
+                    self.summary.cursor_after = state.cursor
             finally:
-                store.release_lease(self._lease)
+                self._lease.release()
                 self._lease = None
         self._log("pull", self.summary.outcome, incidents=self.summary.incidents, alerts=self.summary.alerts,
                   evidence=self.summary.evidence, pages=self.summary.pages, throttled=self.summary.throttled,
@@ -176,11 +187,15 @@ class TenantPull:
         return self.summary
 
     # ------------------------------------------------------------------ internals
+    def _save(self, state: TenantState) -> None:
+        """Store progress, but never once the lease is lost: another instance owns the tenant's state now."""
+        self._keep_lease()
+        self.ctx.state.save_tenant(state)
+
     def _keep_lease(self) -> None:
         assert self._lease is not None
-        if ((self._lease.expires_at - utcnow()).total_seconds() < LEASE_RENEW_BELOW
-                and not self.ctx.state.renew_lease(self._lease, LEASE_SECONDS)):
-                raise LeaseLost("the tenant's lease was lost to another instance")
+        if self._lease.lost:
+            raise LeaseLost("the tenant's lease was lost to another instance")
 
     def _complete_slice(self) -> None:
         """The whole slice is done: the cursor may move to its upper bound."""
@@ -196,7 +211,7 @@ class TenantPull:
         if self.since is None:
             state.slice_lower = state.slice_upper = state.slice_known_through = None
             state.position = None
-        self.ctx.state.save_tenant(state)
+        self._save(state)
         self.summary.cursor_after = state.cursor
         self._pages = None
         self._current = None
@@ -208,25 +223,37 @@ class TenantPull:
         state = self._state
         state.slice_lower, state.slice_upper = self._current.lower, self._current.upper
         state.position = position.to_dict() if position is not None else None
-        self.ctx.state.save_tenant(state)
+        self._save(state)
 
     def _retry_dead_letters(self) -> None:
-        """Retry incidents whose alerts could not be read, and mirrors that failed, before new work."""
+        """Retry incidents whose alerts could not be read or whose rows were refused, and failed mirrors, before new
+        work. Every attempt either resolves the letter or counts it, so a letter is given up in the end and can
+        never hold the tenant back."""
         store = self.ctx.state
-        letters = [d for d in store.dead_letters(self.tenant.tenant_id, pending_only=True)
+        tid = self.tenant.tenant_id
+        letters = [d for d in store.dead_letters(tid, pending_only=True)
                    if d.kind in ("incident", "ingest", "mirror")][:DEAD_LETTER_RETRIES_PER_RUN]
         for letter in letters:
             self.deadline.check(self.deadline.reserve(STEP_RESERVE_SECONDS))
-            incident = self._graph.get_incident(letter.key, deadline=self.deadline, expand_alerts=True)
-            if incident is None:
-                store.resolve_dead_letter(self.tenant.tenant_id, letter.kind, letter.key)
+            try:
+                incident = self._graph.get_incident(letter.key, deadline=self.deadline, expand_alerts=True)
+            except ApiError as exc:
+                store.dead_letter(tid, letter.kind, letter.key, describe_error(exc), version=letter.version)
                 continue
-            if letter.kind in ("incident", "ingest"):
-                self._after_resume = True  # an older version of it may be stored: look it up
-                if letter.key in self._process([incident]):
-                    store.resolve_dead_letter(self.tenant.tenant_id, letter.kind, letter.key)
-            elif self.hook is not None and self.tenant.mirrors and passes_filters(self.tenant, incident):
+            out_of_scope = incident is None or not passes_filters(self.tenant, incident) or (
+                letter.kind == "mirror" and (self.hook is None or not self.tenant.mirrors))
+            if incident is None or out_of_scope:
+                store.resolve_dead_letter(tid, letter.kind, letter.key)  # gone, or no longer to be synced
+                continue
+            if letter.kind == "mirror":
+                assert self.hook is not None
                 self.hook(self.tenant, incident, self.summary, self.deadline)
+                continue
+            self._after_resume = True  # an older version of it may be stored: look it up
+            stored = letter.key in self._process([incident])
+            if stored or (letter.kind == "incident" and "_alertsError" not in incident):
+                # Stored now, or its alerts were read and its rows refused: an "ingest" letter carries it on.
+                store.resolve_dead_letter(tid, letter.kind, letter.key)
 
     def _process(self, page: Iterable[dict[str, Any]]) -> set[str]:
         """Ingest (and mirror) a page of incidents; returns the IDs now stored or already stored before."""
@@ -306,8 +333,12 @@ class TenantPull:
         if self.since is None:
             state.slice_known_through = self._known_through
             self._checkpoint(None)
-        else:
-            self.ctx.state.save_tenant(state)
+            return
+        if state.slice_lower and (state.slice_known_through is None
+                                  or canonical_time(current.upper) > canonical_time(state.slice_known_through)):
+            # A regular slice is paused: what this re-read stores must count as known when it resumes.
+            state.slice_known_through = current.upper
+        self._save(state)
 
     def _may_be_known(self, incident: dict[str, Any]) -> bool:
         """Whether the state may hold a version of this incident, so it must be looked up.

@@ -15,13 +15,12 @@ from typing import Any
 
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
-from .http import ApiError
+from .http import ApiError, describe_error
 from .incident_sync import LINK_ACTIVE, IncidentSyncer, SyncOutcome, unchanged_since_sync
 from .mapping import SOURCE_LABEL
 from .models import RequestError, TenantSummary
-from .runner import describe_error
 from .settings import TenantConfig
-from .state import Lease
+from .state import LeaseKeeper
 from .timeutil import format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,7 @@ class ReconcileCycle:
         self.since = since
         self.summary = TenantSummary(tenant_id=tenant.tenant_id)
         self.owner = f"{ctx.instance_id}-{uuid.uuid4().hex[:8]}"
-        self._lease: Lease | None = None
+        self._lease: LeaseKeeper | None = None
         self._marker: dict[str, Any] = {}
         self._listing: Iterator[dict[str, Any]] | None = None
         self._listing_started = utcnow()
@@ -111,7 +110,9 @@ class ReconcileCycle:
 
     def start(self) -> bool:
         store = self.ctx.state
-        self._lease = store.acquire_lease(self.tenant.tenant_id, "reconcile", self.owner, LEASE_SECONDS)
+        lease = store.acquire_lease(self.tenant.tenant_id, "reconcile", self.owner, LEASE_SECONDS)
+        if lease is not None:
+            self._lease = LeaseKeeper(store, lease, LEASE_SECONDS)
         if self._lease is None:
             self.summary.outcome = "skipped"
             self.summary.error = "another instance holds this tenant's reconcile lease; skipped"
@@ -152,10 +153,11 @@ class ReconcileCycle:
             self.summary.error = error
         if self._lease is not None:
             try:
-                self._marker["lastRun"] = {"finishedAt": format_time(utcnow()), "outcome": self.summary.outcome}
-                self._save_marker()
+                if not self._lease.lost:
+                    self._marker["lastRun"] = {"finishedAt": format_time(utcnow()), "outcome": self.summary.outcome}
+                    self._save_marker()
             finally:
-                self.ctx.state.release_lease(self._lease)
+                self._lease.release()
                 self._lease = None
         log.info("reconcile %s", self.summary.outcome, extra={
             "tenantId": self.tenant.tenant_id, "action": "reconcile", "outcome": self.summary.outcome,
@@ -165,8 +167,7 @@ class ReconcileCycle:
     # ------------------------------------------------------------------ internals
     def _keep_lease(self) -> None:
         assert self._lease is not None
-        if ((self._lease.expires_at - utcnow()).total_seconds() < LEASE_SECONDS / 2
-                and not self.ctx.state.renew_lease(self._lease, LEASE_SECONDS)):
+        if self._lease.lost:
             raise ApiError("the tenant's reconcile lease was lost to another instance")
 
     def _save_marker(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
-from .http import ApiError
+from .http import describe_error
 from .models import CycleSummary, TenantSummary
 from .settings import TenantConfig
 from .telemetry import traced_cycle
@@ -38,13 +38,6 @@ class TenantCycle(Protocol):
 CycleFactory = Callable[[AppContext, TenantConfig, Deadline, datetime | None], TenantCycle]
 
 
-def describe_error(exc: BaseException) -> str:
-    """A short, secret-free description of a failure for summaries and status."""
-    if isinstance(exc, ApiError):
-        return str(exc)[:500]
-    name = type(exc).__name__
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{name}: {text}"[:500]
 
 
 @traced_cycle  # sync.cycle span, a sync.tenant span per tenant, per-cycle metrics
@@ -57,8 +50,9 @@ def run_cycle(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], 
     for tenant in tenants:
         try:
             cycle = factory(ctx, tenant, deadline, since)
+            started = cycle.start()
             cycles.append(cycle)
-            if cycle.start():
+            if started:
                 active.append(cycle)
         except Exception as exc:  # one tenant's failure must not stop the others
             log.exception("tenant cycle could not start", extra={"tenantId": tenant.tenant_id, "action": direction,
@@ -75,18 +69,18 @@ def run_cycle(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], 
             except Exception as exc:
                 log.warning("tenant cycle failed", exc_info=True,
                             extra={"tenantId": cycle.summary.tenant_id, "action": direction, "outcome": "error"})
-                cycle.finish("error", describe_error(exc))
+                _finish(cycle, "error", describe_error(exc))
                 active.remove(cycle)
                 continue
             if more is None:
                 break
             if not more:
-                cycle.finish("success")
+                _finish(cycle, "success")
                 active.remove(cycle)
         if summary.budget_exhausted:
             break
     for cycle in active:
-        cycle.finish("partial")
+        _finish(cycle, "partial")
     summary.tenants.extend(c.summary for c in cycles)
     order = {t.tenant_id: i for i, t in enumerate(tenants)}
     summary.tenants.sort(key=lambda t: order.get(t.tenant_id, 0))
@@ -94,6 +88,17 @@ def run_cycle(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], 
     log.info("cycle finished", extra={"action": direction, "outcome": "budget-exhausted" if summary.budget_exhausted
                                       else "complete", "tenants": len(summary.tenants)})
     return summary
+
+
+def _finish(cycle: TenantCycle, outcome: str, error: str | None = None) -> None:
+    """Finish a tenant's cycle; a failure to record it is reported in its summary, never raised past the run."""
+    try:
+        cycle.finish(outcome, error)
+    except Exception as exc:
+        log.warning("tenant cycle could not be finished cleanly", exc_info=True,
+                    extra={"tenantId": cycle.summary.tenant_id, "action": "finish", "outcome": "error"})
+        cycle.summary.outcome = "error"
+        cycle.summary.error = describe_error(exc)
 
 
 def status(ctx: AppContext) -> dict[str, Any]:

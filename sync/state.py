@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -379,6 +380,48 @@ class StateStore:
             params["after"] = _key(after)
         for e in self.table(LINKS).query_entities(query, parameters=params):
             yield str(e["IncidentId"]), {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
+
+
+class LeaseKeeper:
+    """Renews a held lease from a background thread while a cycle works, however long one step takes.
+
+    A killed process stops renewing, so its lease lapses within one lease period; a renewal that fails means another
+    instance took the tenant: :attr:`lost` turns True and the cycle must stop writing progress.
+    """
+
+    def __init__(self, store: StateStore, lease: Lease, seconds: float) -> None:
+        self.lease = lease
+        self.lost = False
+        self._store = store
+        self._seconds = seconds
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.scope}-{lease.tenant_id[:8]}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._seconds / 3):
+            try:
+                with self._lock:
+                    renewed = self._store.renew_lease(self.lease, self._seconds)
+            except Exception:  # a transient storage error: try again next beat; the lease outlives two misses
+                log.warning("lease renewal failed; retrying", extra={"tenantId": self.lease.tenant_id,
+                                                                     "action": "lease", "outcome": "retry"})
+                continue
+            if not renewed:
+                self.lost = True
+                log.warning("lease lost to another instance", extra={"tenantId": self.lease.tenant_id,
+                                                                     "action": "lease", "outcome": "lost"})
+                return
+
+    def release(self) -> None:
+        """Stop renewing and give the lease back (only if still ours)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        with self._lock:
+            if not self.lost:
+                self._store.release_lease(self.lease)
 
 
 def _marker_key(kind: str, tenant_id: str) -> tuple[str, str]:

@@ -310,3 +310,23 @@ def test_a_tiny_budget_still_makes_progress_and_is_respected(emulators: Any, mak
             break
     emulators.faults.clear()
     assert_complete_once(world, [tenant])
+
+
+def test_zero_lookback_starts_from_now(emulators: Any, make_app_settings: Any,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenant = world.add_tenant(name="FromNow")
+    world.generate(81, tenant, 10)
+    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_INITIAL_LOOKBACK_DAYS="0"))
+    status, summary = http("sync_run", body={})
+    assert status == 200 and summary["tenants"][0]["cursorAfter"], "the cursor starts at now"
+    assert world.rows("DefenderIncidents_CL") == [], "nothing older than the start is read"
+    incident_id = world.incident_ids(tenant)[0]
+    world.update_incident(tenant, incident_id, severity="high")
+    http("sync_run", body={})
+    assert [r["IncidentId"] for r in world.rows("DefenderIncidents_CL")] == [incident_id]
+
+
+def test_webhook_without_content_type_is_415(two_tenants: Any) -> None:
+    status, body = http("sentinel_webhook", body={"id": "x"}, content_type=None, route="sentinel/incidents")
+    assert status == 415 and body["error"]["code"] == "unsupported_media_type"
