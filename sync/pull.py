@@ -34,6 +34,8 @@ SLICE = timedelta(days=1)
 LEASE_SECONDS = 60.0
 STEP_RESERVE_SECONDS = 8.0  # room to store a fetched page (the sink starts no call with < 5 s left)
 DEAD_LETTER_RETRIES_PER_RUN = 20
+# Marks an alert of a partly stored version whose evidence rows are stored but whose alert row is not.
+EVIDENCE_ONLY = "E:"
 
 IncidentHook = Callable[[TenantConfig, dict[str, Any], TenantSummary, Deadline], None]
 
@@ -294,14 +296,24 @@ class TenantPull:
             rows["DefenderAlerts_CL"].extend(alert_rows)
             rows["DefenderEvidence_CL"].extend(ev_rows)
             pending[incident_id] = version
-        failed, rejected, budget_spent = self._upload(rows)
-        stored = [v for k, v in pending.items() if k not in failed]
-        if stored:
-            store.save_versions(tenant.tenant_id, stored)
-        self.summary.incidents += len(stored)
-        for table, key in (("DefenderAlerts_CL", "alerts"), ("DefenderEvidence_CL", "evidence")):
-            count = sum(1 for r in rows[table] if r.get("IncidentId") not in failed)
-            setattr(self.summary, key, getattr(self.summary, key) + count)
+        failed, rejected, budget_spent, lost = self._upload(rows)
+        stored: list[IncidentVersion] = []
+        partial: list[IncidentVersion] = []
+        for incident_id, version in pending.items():
+            if incident_id not in failed:
+                stored.append(version)
+                continue
+            # Part of it was stored: remember exactly which rows, so a retry sends only the rest (no duplicates).
+            kept = {a: (EVIDENCE_ONLY + v if ("alert", a) in lost else v) for a, v in version.alerts.items()
+                    if ("evidence", a) not in lost}
+            partial.append(IncidentVersion(incident_id, version.last_update, kept, partial=True,
+                                           incident_row_stored=("incident", incident_id) not in lost))
+        if stored or partial:
+            store.save_versions(tenant.tenant_id, stored + partial)
+        self.summary.incidents += len(stored) + sum(1 for v in partial if v.incident_row_stored)
+        self.summary.alerts += sum(1 for r in rows["DefenderAlerts_CL"] if ("alert", r.get("AlertId")) not in lost)
+        self.summary.evidence += sum(1 for r in rows["DefenderEvidence_CL"]
+                                     if ("evidence", r.get("AlertId")) not in lost)
         if budget_spent:
             raise BudgetExhausted("time budget spent while storing rows; the page is read again next run")
         transient = {k: v for k, v in failed.items() if k not in rejected}
@@ -362,10 +374,13 @@ class TenantPull:
         """Rows for what is new in this version, or None when this version was already ingested."""
         incident_id = str(incident.get("id"))
         version = canonical_time(str(incident.get("lastUpdateDateTime")))
-        if previous is not None and previous.last_update >= version:
+        if previous is not None and (previous.last_update > version
+                                     or (previous.last_update == version and not previous.partial)):
             return None
         t = self.tenant
-        incident_rows = [incident_row(incident, tenant_id=t.tenant_id, tenant_name=t.name, read_at=read_at)]
+        resumed = previous is not None and previous.last_update == version  # a partly stored version
+        incident_rows = [] if resumed and previous is not None and previous.incident_row_stored else [
+            incident_row(incident, tenant_id=t.tenant_id, tenant_name=t.name, read_at=read_at)]
         alert_versions = dict(previous.alerts) if previous is not None else {}
         new_alerts: list[dict[str, Any]] = []
         new_evidence: list[dict[str, Any]] = []
@@ -375,31 +390,53 @@ class TenantPull:
             alert_id = str(alert["id"])
             raw_time = alert.get("lastUpdateDateTime") or alert.get("createdDateTime")
             alert_version = canonical_time(str(raw_time)) if raw_time else version
-            if alert_versions.get(alert_id, "") >= alert_version:
+            stored_as = alert_versions.get(alert_id, "")
+            evidence_stored = stored_as == EVIDENCE_ONLY + alert_version  # the alert row is still to send
+            if not evidence_stored and stored_as >= alert_version and not stored_as.startswith(EVIDENCE_ONLY):
                 continue
             new_alerts.append(alert_row(alert, incident_id=incident_id, tenant_id=t.tenant_id, tenant_name=t.name,
                                         read_at=read_at))
-            new_evidence.extend(evidence_rows(alert, incident_id=incident_id, tenant_id=t.tenant_id,
-                                              tenant_name=t.name, read_at=read_at))
+            if not evidence_stored:
+                new_evidence.extend(evidence_rows(alert, incident_id=incident_id, tenant_id=t.tenant_id,
+                                                  tenant_name=t.name, read_at=read_at))
             alert_versions[alert_id] = alert_version
         return IncidentVersion(incident_id, version, alert_versions), incident_rows, new_alerts, new_evidence
 
-    def _upload(self, rows: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, str], set[str], bool]:
-        """Send the rows. Returns ({incident ID: error} for every incident with a row not stored, the incidents
-        whose rows were rejected as content, whether the budget ran out)."""
+    def _upload(self, rows: dict[str, list[dict[str, Any]]]
+                ) -> tuple[dict[str, str], set[str], bool, set[tuple[str, str]]]:
+        """Send the rows, evidence first and incidents last, stopping at the first table that fails for a reason
+        other than its content: an incident row is then only stored once all its alert and evidence rows are.
+
+        Returns ({incident ID: error} for every incident with a row not stored, the incidents whose rows were
+        rejected as content, whether the budget ran out, and the ("incident", ID) / ("alert", ID) rows not stored).
+        """
         failed: dict[str, str] = {}
         rejected: set[str] = set()
+        lost: set[tuple[str, str]] = set()
         budget_spent = False
-        for table, table_rows in rows.items():
+        error = "not sent: an earlier table of this page failed"
+        for table in ("DefenderEvidence_CL", "DefenderAlerts_CL", "DefenderIncidents_CL"):
+            table_rows = rows[table]
             if not table_rows:
                 continue
-            result = self.ctx.sink.upload(table, table_rows, deadline=self.deadline)
-            error = "; ".join(result.errors)[:500] or "upload failed"
-            for row in result.failed_rows:
+            if failed.keys() - rejected or budget_spent:
+                result_failed, result_rejected = table_rows, []  # not sent after an earlier outage
+            else:
+                result = self.ctx.sink.upload(table, table_rows, deadline=self.deadline)
+                result_failed, result_rejected = result.failed_rows, result.rejected_rows
+                budget_spent = budget_spent or result.budget_spent
+                error = "; ".join(result.errors)[:500] or "upload failed"
+            for row in result_failed:
                 failed.setdefault(str(row.get("IncidentId")), error)
-            rejected.update(str(row.get("IncidentId")) for row in result.rejected_rows)
-            budget_spent = budget_spent or result.budget_spent
-        return failed, rejected, budget_spent
+                kind = {"DefenderIncidents_CL": "incident", "DefenderAlerts_CL": "alert"}.get(table, "evidence")
+                lost.add((kind, str(row.get("IncidentId" if kind == "incident" else "AlertId"))))
+            rejected.update(str(row.get("IncidentId")) for row in result_rejected)
+        # An incident whose alert rows failed keeps its incident row back too (it is sent with the retry).
+        for incident_id in failed:
+            for row in rows["DefenderIncidents_CL"]:
+                if str(row.get("IncidentId")) == incident_id:
+                    lost.add(("incident", incident_id))
+        return failed, rejected, budget_spent, lost
 
     def _dead_letter(self, kind: str, key: str, error: str, version: object) -> None:
         self.ctx.state.dead_letter(self.tenant.tenant_id, kind, key, error,

@@ -96,6 +96,8 @@ class IncidentVersion:
     incident_id: str
     last_update: str
     alerts: dict[str, str] = field(default_factory=dict)
+    partial: bool = False               # only some rows of this version are stored (the rest are sent again)
+    incident_row_stored: bool = True
 
 
 @dataclass
@@ -201,7 +203,8 @@ class StateStore:
             except ResourceNotFoundError:
                 return None
             return IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
-                                   alerts=_join_json("Alerts", e, {}))
+                                   alerts=_join_json("Alerts", e, {}), partial=bool(e.get("Partial", False)),
+                                   incident_row_stored=bool(e.get("IncidentRowStored", True)))
 
         with ThreadPoolExecutor(max_workers=min(READ_WORKERS, max(1, len(ids)))) as pool:
             versions = list(pool.map(read, ids))
@@ -213,7 +216,8 @@ class StateStore:
         ops: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         for v in versions:
             entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": _key(v.incident_id), "IncidentId": v.incident_id,
-                                      "LastUpdate": v.last_update}
+                                      "LastUpdate": v.last_update, "Partial": v.partial,
+                                      "IncidentRowStored": v.incident_row_stored}
             try:
                 entity.update(_split_json("Alerts", v.alerts))
             except ValueError:

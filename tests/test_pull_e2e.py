@@ -317,7 +317,8 @@ def test_zero_lookback_starts_from_now(emulators: Any, make_app_settings: Any,
     world = emulators.world
     tenant = world.add_tenant(name="FromNow")
     world.generate(81, tenant, 10)
-    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_INITIAL_LOOKBACK_DAYS="0"))
+    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_INITIAL_LOOKBACK_DAYS="0",
+                                                  SYNC_OVERLAP_SECONDS="0"))
     status, summary = http("sync_run", body={})
     assert status == 200 and summary["tenants"][0]["cursorAfter"], "the cursor starts at now"
     assert world.rows("DefenderIncidents_CL") == [], "nothing older than the start is read"
@@ -330,3 +331,16 @@ def test_zero_lookback_starts_from_now(emulators: Any, make_app_settings: Any,
 def test_webhook_without_content_type_is_415(two_tenants: Any) -> None:
     status, body = http("sentinel_webhook", body={"id": "x"}, content_type=None, route="sentinel/incidents")
     assert status == 415 and body["error"]["code"] == "unsupported_media_type"
+
+
+def test_a_table_failing_mid_page_never_duplicates_what_was_stored(two_tenants: Any, emulators: Any) -> None:
+    world, tenants = two_tenants
+    emulators.faults.rule("ingestion", lambda req: "Custom-DefenderIncidents" in req.path, Fault("status", 500))
+    status, summary = http("sync_run", body={})
+    assert status == 200 and all(t["outcome"] == "error" for t in summary["tenants"])
+    assert world.rows("DefenderAlerts_CL"), "alert and evidence rows went in before the incident table failed"
+    emulators.faults.clear()
+    http("sync_run", body={})
+    assert_complete_once(world, tenants)
+    evidence = [r["RecordId"] for r in world.rows("DefenderEvidence_CL")]
+    assert len(evidence) == len(set(evidence)), "evidence rows were written twice"
