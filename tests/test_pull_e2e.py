@@ -69,6 +69,20 @@ def two_tenants(emulators: Any, make_app_settings: Any, monkeypatch: pytest.Monk
     return world, tenants
 
 
+@pytest.fixture
+def one_tenant(emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``one_tenant(name, seed, count, **settings)``: a tenant with generated incidents, the app configured for it."""
+
+    def setup(name: str, seed: int, count: int, **overrides: str) -> tuple[Any, str]:
+        world = emulators.world
+        tenant = world.add_tenant(name=name)
+        world.generate(seed, tenant, count)
+        apply_settings(monkeypatch, make_app_settings([tenant], **overrides))
+        return world, tenant
+
+    return setup
+
+
 def test_pull_lands_every_version_once_with_schema_conformant_rows(two_tenants: Any) -> None:
     world, tenants = two_tenants
     run_timer("defender_pull")
@@ -127,12 +141,8 @@ def test_throttling_and_5xx_storms_lose_nothing(two_tenants: Any, emulators: Any
     assert_complete_once(world, tenants)
 
 
-def test_updates_landing_mid_paging_hide_nothing(emulators: Any, make_app_settings: Any,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    world = emulators.world
-    tenant = world.add_tenant(name="Busy")
-    world.generate(21, tenant, 400)
-    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="20"))
+def test_updates_landing_mid_paging_hide_nothing(one_tenant: Any) -> None:
+    world, tenant = one_tenant("Busy", 21, 400, SYNC_GRAPH_PAGE_SIZE="20")
     ids = world.incident_ids(tenant)
 
     def update_an_older_incident(info: Any) -> None:
@@ -158,13 +168,8 @@ def test_ties_larger_than_a_page(emulators: Any, make_app_settings: Any, monkeyp
     assert_complete_once(world, [tenant])
 
 
-def test_budget_spent_mid_backlog_resumes_next_run(emulators: Any, make_app_settings: Any,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    world = emulators.world
-    tenant = world.add_tenant(name="Backlog")
-    world.generate(41, tenant, 300)
-    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="10",
-                                                  SYNC_TIME_BUDGET_SECONDS="15"))
+def test_budget_spent_mid_backlog_resumes_next_run(one_tenant: Any, emulators: Any) -> None:
+    world, tenant = one_tenant("Backlog", 41, 300, SYNC_GRAPH_PAGE_SIZE="10", SYNC_TIME_BUDGET_SECONDS="15")
     emulators.faults.rule("graph", lambda req: "security/incidents" in req.path, Fault("delay", seconds=0.4))
     status, summary = http("sync_run", body={})
     assert status == 200 and summary["budgetExhausted"] is True
@@ -292,14 +297,10 @@ def test_app_identity_from_environment_credential(emulators: Any, make_app_setti
     assert_complete_once(world, [tenant])
 
 
-def test_a_tiny_budget_still_makes_progress_and_is_respected(emulators: Any, make_app_settings: Any,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_tiny_budget_still_makes_progress_and_is_respected(one_tenant: Any, emulators: Any) -> None:
     import time
 
-    world = emulators.world
-    tenant = world.add_tenant(name="Tiny")
-    world.generate(71, tenant, 60)
-    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="10", SYNC_TIME_BUDGET_SECONDS="2"))
+    world, tenant = one_tenant("Tiny", 71, 60, SYNC_GRAPH_PAGE_SIZE="10", SYNC_TIME_BUDGET_SECONDS="2")
     emulators.faults.rule("graph", lambda req: "security/incidents" in req.path, Fault("delay", seconds=0.3))
     for _ in range(40):
         started = time.monotonic()
@@ -312,13 +313,8 @@ def test_a_tiny_budget_still_makes_progress_and_is_respected(emulators: Any, mak
     assert_complete_once(world, [tenant])
 
 
-def test_zero_lookback_starts_from_now(emulators: Any, make_app_settings: Any,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    world = emulators.world
-    tenant = world.add_tenant(name="FromNow")
-    world.generate(81, tenant, 10)
-    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_INITIAL_LOOKBACK_DAYS="0",
-                                                  SYNC_OVERLAP_SECONDS="0"))
+def test_zero_lookback_starts_from_now(one_tenant: Any) -> None:
+    world, tenant = one_tenant("FromNow", 81, 10, SYNC_INITIAL_LOOKBACK_DAYS="0", SYNC_OVERLAP_SECONDS="0")
     status, summary = http("sync_run", body={})
     assert status == 200 and summary["tenants"][0]["cursorAfter"], "the cursor starts at now"
     assert world.rows("DefenderIncidents_CL") == [], "nothing older than the start is read"
