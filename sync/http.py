@@ -152,7 +152,7 @@ class BearerSession:
 
     def request(self, method: str, url: str, *, deadline: Deadline | None = None, json: Any = None,
                 headers: Mapping[str, str] | None = None, ok: frozenset[int] = frozenset({200, 201, 204}),
-                retry_on_conflict: bool = False, attempts: int | None = None,
+                attempts: int | None = None,
                 idempotent: bool = True) -> requests.Response:
         """Send a request, retrying transient failures; return the response whose status is in ``ok``.
 

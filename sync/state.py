@@ -182,10 +182,6 @@ class StateStore:
         entity.update(_split_json("LastRun", state.last_run))
         self.table(TENANTS).upsert_entity(entity, mode=UpdateMode.REPLACE)
 
-    def list_tenants(self) -> list[TenantState]:
-        return [self.get_tenant(str(e["TenantId"])) for e in self.table(TENANTS).query_entities(
-            "PartitionKey eq 'tenant'", select=["TenantId"])]
-
     # ----------------------------------------------------------------- ingested versions
     def get_versions(self, tenant_id: str, incident_ids: Iterable[str]) -> dict[str, IncidentVersion]:
         """The stored versions of these incidents, by point reads a few at a time.
