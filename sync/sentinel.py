@@ -18,8 +18,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import requests
 
-from .budget import Deadline
-from .http import ApiError, BearerSession, CallStats, RateLimiter
+from .budget import Deadline, Limiter
+from .http import ApiError, BearerSession, CallStats
 from .timeutil import format_time
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class SentinelClient:
     API_VERSION = "2025-09-01"
 
     def __init__(self, session: BearerSession, arm_endpoint: str, workspace_id: str, *,
-                 write_limiter: RateLimiter | None = None) -> None:
+                 write_limiter: Limiter | None = None) -> None:
         self._session = session
         self._arm = arm_endpoint.rstrip("/")
         self.workspace_id = "/" + workspace_id.strip("/")

@@ -109,3 +109,21 @@ def test_concurrent_instances_never_exceed_the_cap(table: Any) -> None:
         t.join()
     assert spent, "some units were granted"
     assert spent_in_any_window(spent) <= 12
+
+
+def test_sentinel_write_cap_is_shared_by_every_instance(make_app_settings: Any) -> None:
+    """Two processes' contexts (a queue fan-out) draw Sentinel writes from one ledger, not one cap each."""
+    from sync.context import AppContext
+    from sync.settings import load_settings
+
+    settings = load_settings(make_app_settings(["00000000-0000-0000-0000-0000000000a1"],
+                                               SENTINEL_MAX_WRITES_PER_MINUTE="4"))
+    first, second = AppContext(settings), AppContext(settings)
+    first_cap, second_cap = first.sentinel._write_limiter, second.sentinel._write_limiter
+    assert isinstance(first_cap, SharedRateBudget) and isinstance(second_cap, SharedRateBudget)
+    for _ in range(2):
+        first_cap.acquire(Deadline(5))
+        second_cap.acquire(Deadline(5))
+    with pytest.raises(BudgetExhausted):
+        second_cap.acquire(Deadline(5))
+    assert first_cap.used() == 4
