@@ -59,7 +59,7 @@ class SharedRateBudget:
         self.block = max(1, min(block, per_minute))
         self.hold_seconds = hold_seconds if self.block > 1 else 0.0
         self._clock = clock
-        self._sleep = sleep
+        self.sleep = sleep
         self._lock = threading.Lock()
         self._local: list[Grant] = []
         self.ledger_operations = 0
@@ -79,7 +79,7 @@ class SharedRateBudget:
                 return
             if deadline is not None and deadline.remaining() < wait:
                 raise BudgetExhausted(f"the shared {self.name} budget frees up in {wait:.1f}s, past the run's budget")
-            self._sleep(wait)
+            self.sleep(wait)
 
     def try_acquire(self, units: int = 1) -> float:
         """Take ``units`` now if the budget allows: 0. Otherwise nothing is taken and the answer is the number of
