@@ -242,8 +242,9 @@ class TenantPull:
             except ApiError as exc:
                 store.dead_letter(tid, letter.kind, letter.key, describe_error(exc), version=letter.version)
                 continue
-            out_of_scope = incident is None or not passes_filters(self.tenant, incident) or (
-                letter.kind == "mirror" and (self.hook is None or not self.tenant.mirrors))
+            # Filters decide the mirror only: an incident letter outside them is still ingested.
+            out_of_scope = letter.kind == "mirror" and (
+                self.hook is None or not self.tenant.mirrors or not passes_filters(self.tenant, incident or {}))
             if incident is None or out_of_scope:
                 store.resolve_dead_letter(tid, letter.kind, letter.key)  # gone, or no longer to be synced
                 continue
@@ -277,10 +278,11 @@ class TenantPull:
                 self._dead_letter("incident", incident_id, str(incident["_alertsError"]),
                                   incident.get("lastUpdateDateTime"))
                 continue
-            if not passes_filters(tenant, incident):
+            # The tables receive every incident; the filters decide only what is mirrored.
+            if passes_filters(tenant, incident):
+                in_scope.append(incident)
+            else:
                 self.summary.filtered += 1
-                continue
-            in_scope.append(incident)
             try:
                 built = self._rows_for(incident, versions.get(incident_id), read_at)
             except ValueError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,7 +19,9 @@ from conftest import apply_settings
 from harness import http, run_queue, run_timer
 
 from emulators.base import Fault
+from sync.context import get_context
 from sync.mirror_target import SentinelTarget
+from sync.timeutil import format_time, utcnow
 
 CONTOSO, FABRIKAM = "Contoso", "Fabrikam"
 
@@ -360,6 +363,27 @@ def test_min_severity_is_evaluated_per_version(env: Env) -> None:
     env.world.update_incident(a, "701", severity="high")
     run_timer("defender_pull")
     assert env.get(a, "701")["properties"]["severity"] == "High", "raised to high later: it starts syncing"
+
+
+def test_filters_decide_the_mirror_only_every_incident_reaches_the_tables(env: Env) -> None:
+    a = env.a
+    env.incident(a, "711", severity="low")
+    env.incident(a, "712", severity="high", alerts=[alert("Cloud app", serviceSource="microsoftDefenderForCloudApps")])
+    env.incident(a, "713", severity="high")
+    # An out-of-scope incident whose earlier ingest failed, older than the window: only its dead letter brings it in.
+    old = format_time(utcnow() - timedelta(days=30))
+    env.incident(a, "714", severity="low", createdDateTime=old, lastUpdateDateTime=old)
+    env.configure({a: {"minSeverity": "medium", "serviceSources": ["microsoftDefenderForEndpoint"]}})
+    get_context().state.dead_letter(a, "ingest", "714", "rows refused once", version=old)
+    run_timer("defender_pull")
+    tabled = {r["IncidentId"] for r in env.world.rows("DefenderIncidents_CL") if r["DefenderTenantId"] == a}
+    assert tabled == {"711", "712", "713", "714"}, "filters must not keep incidents out of the tables"
+    assert {r["AlertId"] for r in env.world.rows("DefenderAlerts_CL")} >= {
+        x["id"] for i in ("711", "712", "714") for x in env.defender(a, i)["alerts"]}
+    assert env.sentinel.get(env.name(a, "711")) is None and env.sentinel.get(env.name(a, "712")) is None
+    assert env.sentinel.get(env.name(a, "714")) is None
+    assert env.sentinel.get(env.name(a, "713")) is not None
+    assert not list(get_context().state.dead_letters(a)), "the retried letter is resolved once ingested"
 
 
 # ------------------------------------------------------------------------------------------------------- round trip
