@@ -311,7 +311,9 @@ class TenantPull:
             partial.append(IncidentVersion(incident_id, version.last_update, kept, partial=True,
                                            incident_row_stored=("incident", incident_id) not in lost))
         if stored or partial:
-            store.save_versions(tenant.tenant_id, stored + partial)
+            for incident_id in store.save_versions(tenant.tenant_id, stored + partial):
+                self._note(f"incident {incident_id}: too many alerts to remember their versions; unchanged alerts "
+                           "are written again with its next version")
         self.summary.incidents += len(stored) + sum(1 for v in partial if v.incident_row_stored)
         self.summary.alerts += sum(1 for r in rows["DefenderAlerts_CL"] if ("alert", r.get("AlertId")) not in lost)
         self.summary.evidence += sum(1 for r in rows["DefenderEvidence_CL"]
@@ -439,6 +441,12 @@ class TenantPull:
                 if str(row.get("IncidentId")) == incident_id:
                     lost.add(("incident", incident_id))
         return failed, rejected, budget_spent, lost
+
+    def _note(self, text: str) -> None:
+        """Say a degradation once in the run's summary (and the log), without failing the run."""
+        if text not in self.summary.notes:
+            self.summary.notes.append(text)
+            self._log("degraded", "noted", note=text)
 
     def _dead_letter(self, kind: str, key: str, error: str, version: object) -> None:
         self.ctx.state.dead_letter(self.tenant.tenant_id, kind, key, error,
