@@ -196,6 +196,7 @@ class StateStore:
         }
         entity.update(_split_json("Position", state.position))
         entity.update(_split_json("LastRun", state.last_run))
+        check_entity(entity)  # a clear error naming the limit instead of the service's 400
         self.table(TENANTS).upsert_entity(entity, mode=UpdateMode.REPLACE)
 
     # ----------------------------------------------------------------- ingested versions
@@ -398,6 +399,7 @@ class StateStore:
         pk, rk = _marker_key(kind, tenant_id)
         entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": rk}
         entity.update(_split_json("Value", value))
+        check_entity(entity)
         self.table(TENANTS).upsert_entity(entity, mode=UpdateMode.REPLACE)
 
     def note_once(self, kind: str, tenant_id: str) -> bool:
@@ -423,6 +425,7 @@ class StateStore:
         entity: dict[str, Any] = {"PartitionKey": _key(tenant_id), "RowKey": _key(incident_id),
                                   "IncidentId": incident_id, "SentinelName": str(body.get("sentinelName", ""))}
         entity.update(_split_json("Link", body))
+        check_entity(entity)
         table = self.table(LINKS)
         try:
             if etag is None:

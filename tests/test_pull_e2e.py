@@ -341,3 +341,21 @@ def test_a_table_failing_mid_page_never_duplicates_what_was_stored(two_tenants: 
     assert_complete_once(world, tenants)
     evidence = [r["RecordId"] for r in world.rows("DefenderEvidence_CL")]
     assert len(evidence) == len(set(evidence)), "evidence rows were written twice"
+
+
+def test_an_incident_with_9000_alerts_pulls_and_is_not_ingested_again(emulators: Any, make_app_settings: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenant = world.add_tenant(name="Contoso")
+    alerts = [{"id": f"da{n:016d}_{n * 7919:010d}", "title": f"Alert {n}", "severity": "low", "status": "new",
+               "serviceSource": "microsoftDefenderForEndpoint"} for n in range(9000)]
+    world.add_incident(tenant, {"id": "9000", "displayName": "Storm", "severity": "high", "alerts": alerts})
+    apply_settings(monkeypatch, make_app_settings([tenant]))
+    run_timer("defender_pull")
+    status, body = http("sync_status", "GET")
+    assert status == 200 and body["tenants"][0]["lastRun"]["outcome"] == "success", body
+    assert body["tenants"][0]["cursor"], "the cursor moved"
+    assert len(world.rows("DefenderAlerts_CL")) == 9000 and len(world.rows("DefenderIncidents_CL")) == 1
+    run_timer("defender_pull")
+    assert len(world.rows("DefenderAlerts_CL")) == 9000, "the second run re-ingested the incident's alerts"
+    assert len(world.rows("DefenderIncidents_CL")) == 1
