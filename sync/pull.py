@@ -157,6 +157,10 @@ class TenantPull:
             self._complete_slice()
             return bool(self._slices)
         self.summary.pages += 1
+        for warning in page.warnings:
+            self._note(warning)  # Graph's order failed us; the walk degraded instead of stalling
+        if page.may_repeat:
+            self._after_resume = True  # a degraded read may return incidents already stored: look them up
         self._process(page.incidents)
         self._checkpoint(page.position)
         return True
