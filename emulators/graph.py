@@ -16,7 +16,8 @@ server's base URL (``GRAPH_ENDPOINT``) and carry a ``SecurityIncident.*`` role (
       ``$orderby`` and ``$select`` are accepted and IGNORED (not documented for this API: clients must not rely on
       them). Other ``$`` options -> 400.
     * Order: NEWEST FIRST by ``lastUpdateDateTime``; ties by incident ID descending (numeric IDs compare as
-      numbers).
+      numbers). Fault switches (also ``POST /_control/graph/settings``): :attr:`GraphState.unstable_ties` orders each
+      tie group differently on every request, :attr:`GraphState.unordered_pages` serves each page oldest first.
     * ``@odata.nextLink``: the same query with ``$skip`` increased by ``$top``. Offset-based, exactly like real Graph:
       an incident updated between two page requests moves to the front and shifts every later offset, so a client
       paging newest-first can skip an incident.
@@ -46,7 +47,9 @@ Times are served with 7 fractional digits. Incidents are stored compactly (zlib-
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
+import random
 import re
 import threading
 import time
@@ -323,6 +326,9 @@ class GraphState:
         self.strict_determination = True
         self.bump_on_noop_patch = True
         self.cascade_resolve = True
+        self.unstable_ties = False   # order each tie group differently on every list request (fault switch)
+        self.unordered_pages = False  # serve list pages oldest first instead of newest first (fault switch)
+        self._list_calls = 0
         self.tenants: dict[str, _TenantStore] = {}
         self.writes: list[GraphWrite] = []
         self._hooks: list[_Hook] = []
@@ -543,6 +549,7 @@ class GraphState:
             self.strict_determination = True
             self.bump_on_noop_patch = True
             self.cascade_resolve = True
+            self.unstable_ties = self.unordered_pages = False
 
     # -- normalization -----------------------------------------------------------------------------------------
 
@@ -597,6 +604,17 @@ class GraphState:
 
     # -- queries used by the service ---------------------------------------------------------------------------
 
+    def _shuffled_ties(self, keys: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+        """Newest first, each group of equal ``lastUpdateDateTime`` in a new order on every call."""
+        self._list_calls += 1
+        rng = random.Random(self._list_calls)
+        out: list[tuple[int, int, str]] = []
+        for _, group in itertools.groupby(keys, key=lambda k: k[0]):
+            members = list(group)
+            rng.shuffle(members)
+            out.extend(members)
+        return out
+
     def _select(self, tenant_id: str, clauses: list[_Clause], skip: int, top: int,
                 count: bool) -> tuple[list[dict[str, Any]], int | None, bool]:
         """(docs of the page, total if counted, more pages?) newest first."""
@@ -626,8 +644,13 @@ class GraphState:
             total = hi - lo
             first = hi - 1 - skip
             last = max(lo, first - top + 1)
-            keys = [store.order[i] for i in range(first, last - 1, -1)] if first >= lo and top > 0 else []
+            if self.unstable_ties:
+                keys = self._shuffled_ties([store.order[i] for i in range(hi - 1, lo - 1, -1)])[skip:skip + top]
+            else:
+                keys = [store.order[i] for i in range(first, last - 1, -1)] if first >= lo and top > 0 else []
             docs = [self._decode(store.incidents[k[2]].blob) for k in keys]
+            if self.unordered_pages:
+                docs.reverse()
             return docs, (total if count else None), top > 0 and skip + top < total
         matched: list[dict[str, Any]] = []
         total = 0

@@ -500,7 +500,8 @@ class EmulatorHub:
             return {"now": w.clock.now()}
         if parts == ["graph", "settings"] and method == "POST":
             for key, attr in (("strictDetermination", "strict_determination"),
-                              ("bumpOnNoopPatch", "bump_on_noop_patch"), ("cascadeResolve", "cascade_resolve")):
+                              ("bumpOnNoopPatch", "bump_on_noop_patch"), ("cascadeResolve", "cascade_resolve"),
+                              ("unstableTies", "unstable_ties"), ("unorderedPages", "unordered_pages")):
                 if key in body:
                     setattr(w.graph, attr, bool(body[key]))
             return {"strictDetermination": w.graph.strict_determination,

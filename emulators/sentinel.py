@@ -29,6 +29,8 @@ Emulator choices where the reference is silent (each one the *pessimistic* readi
 - While an incident is not ``Closed`` it carries no classification: a PUT or analyst edit that leaves it open drops
   ``classification``/``classificationReason``/``classificationComment``.
 - A PUT carrying an etag for an incident that does not exist is a 409 (the precondition cannot hold).
+- ``ignore_provider_filter`` (off by default, switchable through ``config``): a lenient service that ignores a
+  ``$filter`` clause on ``providerIncidentId`` and lists every incident, so an app must compare the ID itself.
 - Incidents created through the API get ``providerName`` "Azure Sentinel" and ``providerIncidentId`` = their
   ``incidentNumber`` (as native incidents do), so an app must not read every ``providerIncidentId`` as a Defender ID.
 
@@ -241,6 +243,7 @@ class SentinelService:
         self.api_versions = tuple(api_versions)
         self.paging = paging
         self.default_page_size = default_page_size
+        self.ignore_provider_filter = False  # a lenient service: $filter on providerIncidentId returns everything
         self.base_url = base_url            # scheme://host[:port] for nextLink; None -> the request's own
         self._clock_ns = clock_ns
         self._last_tick = 0
@@ -527,7 +530,8 @@ class SentinelService:
         return _ok(200, None)
 
     def _list_incidents(self, ws: _Workspace, request: EmuRequest) -> EmuResponse:
-        predicates = _parse_filter(request.q("$filter"))
+        predicates = _parse_filter(request.q("$filter"), frozenset(
+            {"properties/providerincidentid"} if self.ignore_provider_filter else ()))
         sort_key, descending = _parse_orderby(request.q("$orderby"), default=("properties/createdtimeutc", True))
         items = [inc for inc in ws.incidents.values() if all(p(inc) for p in predicates)]
         keyfn = _INCIDENT_SORT_KEYS[sort_key]
@@ -663,13 +667,15 @@ class SentinelService:
 
     def seed_xdr_incident(self, provider_incident_id: str, *, name: str | None = None,
                           workspace: str | None = None, provider_name: str = XDR_PROVIDER_NAME,
-                          **properties: Any) -> dict[str, Any]:
+                          tenant_id: str | None = None, **properties: Any) -> dict[str, Any]:
         """Seed an incident as the BUILT-IN Defender XDR connector creates it (``providerName`` "Microsoft XDR" or
-        the older "Microsoft 365 Defender", ``providerIncidentId`` = the Defender incident ID, portal link)."""
+        the older "Microsoft 365 Defender", ``providerIncidentId`` = the Defender incident ID, portal link). The
+        connector serves the workspace's own tenant: its link names no tenant unless ``tenant_id`` adds ``?tid=``."""
         properties.setdefault("title", f"Defender incident {provider_incident_id}")
         return self.seed_incident(
             name, workspace=workspace, provider_name=provider_name, provider_incident_id=str(provider_incident_id),
-            provider_incident_url=f"https://security.microsoft.com/incidents/{provider_incident_id}",
+            provider_incident_url=f"https://security.microsoft.com/incidents/{provider_incident_id}"
+                                  + (f"?tid={tenant_id}" if tenant_id else ""),
             created_by="Microsoft Defender XDR", **properties)
 
     def analyst_update(self, incident_name: str, *, updated_by: str = "analyst@contoso.com",
@@ -838,12 +844,13 @@ class SentinelService:
         return fn(**args)
 
     def _config(self, **settings: Any) -> dict[str, Any]:
-        for key in ("comment_bumps_modified", "label_bumps_modified", "paging", "default_page_size"):
+        for key in ("comment_bumps_modified", "label_bumps_modified", "paging", "default_page_size",
+                    "ignore_provider_filter"):
             if key in settings:
                 setattr(self, key, settings[key])
         return {"comment_bumps_modified": self.comment_bumps_modified,
                 "label_bumps_modified": self.label_bumps_modified, "paging": self.paging,
-                "default_page_size": self.default_page_size}
+                "default_page_size": self.default_page_size, "ignore_provider_filter": self.ignore_provider_filter}
 
     def _handle_control(self, request: EmuRequest) -> EmuResponse:
         # /_control/[sentinel/]<op>, POST with a JSON object of keyword arguments (GET: no arguments).
@@ -1031,8 +1038,9 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def _parse_filter(text: str | None) -> list[Callable[[_Incident], bool]]:
-    """OData subset: comparisons joined by ``and``; anything else is a 400 naming the unsupported part."""
+def _parse_filter(text: str | None, ignore: frozenset[str] = frozenset()) -> list[Callable[[_Incident], bool]]:
+    """OData subset: comparisons joined by ``and``; anything else is a 400 naming the unsupported part. Clauses on
+    the fields in ``ignore`` are parsed and then dropped (a lenient service)."""
     if not text or not text.strip():
         return []
     predicates: list[Callable[[_Incident], bool]] = []
@@ -1041,7 +1049,9 @@ def _parse_filter(text: str | None) -> list[Callable[[_Incident], bool]]:
         m = _CLAUSE_RE.match(text, pos)
         if not m:
             raise _bad(f"Invalid $filter: cannot parse at '{text[pos:pos + 40]}'.")
-        predicates.append(_clause(m.group("field").lower(), m.group("op").lower(), m.group("value")))
+        predicate = _clause(m.group("field").lower(), m.group("op").lower(), m.group("value"))
+        if m.group("field").lower() not in ignore:
+            predicates.append(predicate)
         pos = m.end()
         if pos >= len(text):
             return predicates

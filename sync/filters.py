@@ -15,7 +15,7 @@ def severity_rank(value: object) -> int:
 
 
 def passes_filters(tenant: TenantConfig, incident: dict[str, Any]) -> bool:
-    """True when this incident version is in scope for the tenant.
+    """True when this incident version is in the tenant's mirror scope (the tables receive every incident).
 
     ``minSeverity`` compares the incident's severity. ``serviceSources`` keeps an incident when any of its alerts
     comes from a listed source; an incident without alerts (a merged, ``redirected`` one) is kept so that its

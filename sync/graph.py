@@ -26,8 +26,9 @@ the boundary is exact; comparisons use :func:`sync.timeutil.canonical_time`, whi
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +45,10 @@ PREFER_HEADERS: Mapping[str, str] = {"Prefer": "include-unknown-enum-members"}
 
 DEGRADED_SMALLER = "smaller-pages"
 DEGRADED_ALERTS = "alerts-per-incident"
+#: A page was not newest first: the rest of that window is read by offset passes (keyset paging needs the order).
+DEGRADED_ORDER = "offset-window"
+#: Offset passes over a tie group (or a degraded window) never settled: the union of every pass was taken.
+DEGRADED_UNSETTLED = "unsettled-order"
 
 #: Attempts for a downsized retry of a page that already failed through the full retry ladder.
 DEGRADED_ATTEMPTS = 2
@@ -110,6 +115,9 @@ class IncidentPage:
     position: KeysetPosition
     requests: int
     degraded: str | None = None
+    #: What the walk gave up on the way (for the run's summary); non-empty pages may repeat incidents already read.
+    warnings: list[str] = field(default_factory=list)
+    may_repeat: bool = False
 
 
 @dataclass
@@ -157,6 +165,7 @@ class _Pending:
 
     requests: int = 0
     mark: int = field(default=0, repr=False)   # session request count when the pending span started
+    warnings: list[str] = field(default_factory=list)
 
 
 class GraphSecurityClient:
@@ -212,9 +221,16 @@ class GraphSecurityClient:
                 bound_done, tie_next = True, False
                 continue
             op = "lt" if bound_done else "le"
-            page = self._list_page(mode, f"lastUpdateDateTime ge {lower_s} and lastUpdateDateTime {op} {bound}",
-                                   deadline)
-            self._check_keyset_page(page, lower_s, op, bound)
+            filt = f"lastUpdateDateTime ge {lower_s} and lastUpdateDateTime {op} {bound}"
+            page = self._list_page(mode, filt, deadline)
+            if not self._check_keyset_page(page, lower_s, op, bound):
+                # Keyset paging is unsafe without the order; offset passes over the rest of the window are not.
+                self._warn(pending, DEGRADED_ORDER, f"Graph returned incidents not newest first in [{lower_s}, "
+                           f"{op} {bound}]; that window was read by offset passes")
+                fixed = functools.partial(KeysetPosition, bound, tuple(sorted(seen)))
+                yield from self._walk_offset(filt, None, set(seen) if not bound_done else set(), fixed, mode,
+                                             pending, deadline)
+                return
             if not page.records:
                 yield self._emit([], KeysetPosition(bound, tuple(sorted(seen))), pending, mode)
                 return
@@ -250,9 +266,19 @@ class GraphSecurityClient:
         ``c_B <= |S(start_B)| <= |S(end_A)| <= c_A``. Hence ``c_B == c_A`` with no duplicate forces
         ``B == S(start_B)``: B saw every record still at ``ts`` when it started. A single-request pass is a
         snapshot and needs no second pass. No order among ties is assumed.
+
+        When the passes never settle (a service that orders ties differently on every request), the union of every
+        pass is taken after :data:`MAX_STALE_PASSES` and the walk moves on, reported, instead of stalling for ever.
         """
-        filt = f"lastUpdateDateTime eq {ts}"
         key = canonical_time(ts)
+        yield from self._walk_offset(f"lastUpdateDateTime eq {ts}", key, seen,
+                                     lambda: KeysetPosition(ts, tuple(sorted(seen))), mode, pending, deadline)
+
+    def _walk_offset(self, filt: str, key: str | None, seen: set[str], position: Callable[[], KeysetPosition],
+                     mode: _WalkMode, pending: _Pending, deadline: Deadline) -> Iterator[IncidentPage]:
+        """Every record of ``filt`` not in ``seen`` by offset passes (see :meth:`_walk_ties`); ``key``: the one
+        timestamp every record must have (a tie group), or None for a degraded window whose pages may repeat
+        incidents already read (its position cannot move until the window is done)."""
         previous: int | None = None
         stale = 0
         while True:
@@ -264,12 +290,12 @@ class GraphSecurityClient:
                     count, pages, ids, duplicate = 0, 0, set(), False
                 pages += 1
                 if pages > MAX_PAGES_PER_PASS:
-                    raise GraphResponseError(f"tie set at {ts}: more than {MAX_PAGES_PER_PASS} pages in one pass")
+                    raise GraphResponseError(f"{filt}: more than {MAX_PAGES_PER_PASS} pages in one pass")
                 for k, record in zip(page.keys, page.records, strict=True):
-                    if k != key:
+                    if key is not None and k != key:
                         raise GraphResponseError(
                             f"incident {record['id']}: lastUpdateDateTime {record['lastUpdateDateTime']} does not "
-                            f"match the filter 'eq {ts}'", 200)
+                            f"match the filter '{filt}'", 200)
                     duplicate = duplicate or record["id"] in ids
                     ids.add(record["id"])
                 count += len(page.records)
@@ -277,21 +303,30 @@ class GraphSecurityClient:
                 seen.update(r["id"] for r in new)
                 self._complete_alerts(new, mode, deadline)
                 if new:
-                    yield self._emit(new, KeysetPosition(ts, tuple(sorted(seen))), pending, mode)
+                    emitted = self._emit(new, position(), pending, mode)
+                    emitted.may_repeat = key is None
+                    yield emitted
                 if not page.full:
                     break
                 nxt = page.next_link or self._incidents_url(filt, mode.top, mode.expand, skip=count)
                 if nxt == link:
-                    raise GraphResponseError(f"tie set at {ts}: @odata.nextLink does not advance", 200)
+                    raise GraphResponseError(f"{filt}: @odata.nextLink does not advance", 200)
                 link = nxt
             if (pages == 1 or count == previous) and not duplicate:
                 return
             if previous is not None and count >= previous:
                 stale += 1
                 if stale >= MAX_STALE_PASSES:
-                    raise GraphResponseError(f"tie set at {ts} did not stabilise: {stale} offset passes without "
-                                             "progress (the order among equal timestamps is not stable)")
+                    self._warn(pending, DEGRADED_UNSETTLED, f"{filt}: {stale} offset passes did not settle (the "
+                               f"order among equal timestamps is not stable); moved on with the {len(seen)} "
+                               "incidents read, others are read when they next change")
+                    return
             previous = count
+
+    def _warn(self, pending: _Pending, kind: str, text: str) -> None:
+        log.warning(text, extra={"action": "graph-degrade", "outcome": kind})
+        self.stats.extra[f"degraded:{kind}"] = self.stats.extra.get(f"degraded:{kind}", 0) + 1
+        pending.warnings.append(text)
 
     def _list_page(self, mode: _WalkMode, filt: str, deadline: Deadline, next_link: str | None = None) -> _ListPage:
         """One incidents list request, degrading ($top halved, then no $expand) on persistent server errors."""
@@ -321,18 +356,15 @@ class GraphSecurityClient:
         return _ListPage(records, keys, link, mode.top, restarted)
 
     @staticmethod
-    def _check_keyset_page(page: _ListPage, lower_s: str, op: str, bound: str) -> None:
-        """The keyset argument needs newest-first order and records inside the filter; fail loudly otherwise."""
+    def _check_keyset_page(page: _ListPage, lower_s: str, op: str, bound: str) -> bool:
+        """Records outside the filter fail loudly; False when the page is not newest first (keyset unsafe)."""
         lo, hi = canonical_time(lower_s), canonical_time(bound)
-        for n, (key, record) in enumerate(zip(page.keys, page.records, strict=True)):
+        for key, record in zip(page.keys, page.records, strict=True):
             if key < lo or key > hi or (op == "lt" and key == hi):
                 raise GraphResponseError(
                     f"incident {record['id']}: lastUpdateDateTime {record['lastUpdateDateTime']} is outside the "
                     f"filter [{lower_s}, {op} {bound}]", 200)
-            if n and key > page.keys[n - 1]:
-                raise GraphResponseError(
-                    "incidents page is not newest first by lastUpdateDateTime (incident "
-                    f"{record['id']} follows an older one); time-keyset paging would be unsafe", 200)
+        return all(page.keys[n] <= page.keys[n - 1] for n in range(1, len(page.keys)))
 
     def _complete_alerts(self, incidents: list[dict[str, Any]], mode: _WalkMode, deadline: Deadline) -> None:
         """Make ``alerts`` (with ``evidence``) a list on each incident, or mark it with ``_alertsError``."""
@@ -361,8 +393,9 @@ class GraphSecurityClient:
     def _emit(self, incidents: list[dict[str, Any]], position: KeysetPosition, pending: _Pending,
               mode: _WalkMode) -> IncidentPage:
         now = self.stats.requests
-        page = IncidentPage(incidents, position, pending.requests + now - pending.mark, mode.degraded)
-        pending.requests, pending.mark = 0, now
+        page = IncidentPage(incidents, position, pending.requests + now - pending.mark, mode.degraded,
+                            pending.warnings)
+        pending.requests, pending.mark, pending.warnings = 0, now, []
         return page
 
     # ------------------------------------------------------------------ single incidents, alerts, writes
@@ -558,5 +591,5 @@ def _normalise_alerts(alerts: list[Any], what: str) -> list[dict[str, Any]]:
     return alerts
 
 
-__all__ = ["DEGRADED_ALERTS", "DEGRADED_SMALLER", "PREFER_HEADERS", "GraphResponseError", "GraphSecurityClient",
-           "IncidentPage", "KeysetPosition", "graph_time"]
+__all__ = ["DEGRADED_ALERTS", "DEGRADED_ORDER", "DEGRADED_SMALLER", "DEGRADED_UNSETTLED", "PREFER_HEADERS",
+           "GraphResponseError", "GraphSecurityClient", "IncidentPage", "KeysetPosition", "graph_time"]

@@ -8,7 +8,9 @@ overrunning ``functionTimeout``.
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import json
 import logging
 import random
 import threading
@@ -145,6 +147,19 @@ class BearerSession:
         if extra:
             headers.update(extra)
         return headers
+
+    def token_claims(self) -> dict[str, Any]:
+        """The claims of this session's access token, unverified ({} when it is not a JWT): for facts about our own
+        identity, such as the tenant it lives in (``tid``), never for trusting a caller."""
+        token = self._credential.get_token(self._scope).token
+        parts = token.split(".")
+        if len(parts) != 3:
+            return {}
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        except (ValueError, UnicodeError):
+            return {}
+        return claims if isinstance(claims, dict) else {}
 
     def _backoff(self, attempt: int) -> float:
         cap = min(self.policy.backoff_max, self.policy.backoff_base * (2 ** attempt))

@@ -97,18 +97,27 @@ class SentinelTarget:
     def find_builtin(self, tenant_id: str, incident_id: str, *, deadline: Deadline) -> dict[str, Any] | None:
         """The built-in connector's incident for this Defender incident, if that connector mirrors it.
 
-        Matched on ``providerIncidentId`` and a Defender provider name. Incident IDs are only unique per tenant, and
-        the connector serves the workspace's own tenant: a provider URL naming another tenant is not a match.
+        Matched on the exact ``providerIncidentId`` (checked here too: a lenient server may ignore ``$filter``) and a
+        Defender provider name. Incident IDs are only unique per tenant and the connector serves the workspace's own
+        tenant only: a provider URL naming another tenant is not a match, and one without ``tid`` belongs to the
+        workspace's tenant (an MSSP's own incidents never hide a customer's incidents with the same IDs).
         """
+        home: str | None = None
         for incident in self.client.list_incidents(provider_incident_id=incident_id, deadline=deadline, top=50):
             props = incident.get("properties") or {}
             if str(props.get("providerName", "")).lower() not in BUILTIN_PROVIDERS:
                 continue
+            if str(props.get("providerIncidentId", "")) != incident_id:
+                continue
             url = (props.get("additionalData") or {}).get("providerIncidentUrl") or ""
             tids = parse_qs(urlparse(str(url)).query).get("tid") if url else None
-            if tids and tids[0].lower() != tenant_id.lower():
-                continue
-            return incident
+            if tids:
+                owner = tids[0]
+            else:
+                home = home or self.client.home_tenant_id()
+                owner = home or ""
+            if owner.lower() == tenant_id.lower():
+                return incident
         return None
 
     def comments(self, name: str, *, deadline: Deadline) -> list[TargetComment]:

@@ -157,6 +157,10 @@ class TenantPull:
             self._complete_slice()
             return bool(self._slices)
         self.summary.pages += 1
+        for warning in page.warnings:
+            self._note(warning)  # Graph's order failed us; the walk degraded instead of stalling
+        if page.may_repeat:
+            self._after_resume = True  # a degraded read may return incidents already stored: look them up
         self._process(page.incidents)
         self._checkpoint(page.position)
         return True
@@ -242,8 +246,9 @@ class TenantPull:
             except ApiError as exc:
                 store.dead_letter(tid, letter.kind, letter.key, describe_error(exc), version=letter.version)
                 continue
-            out_of_scope = incident is None or not passes_filters(self.tenant, incident) or (
-                letter.kind == "mirror" and (self.hook is None or not self.tenant.mirrors))
+            # Filters decide the mirror only: an incident letter outside them is still ingested.
+            out_of_scope = letter.kind == "mirror" and (
+                self.hook is None or not self.tenant.mirrors or not passes_filters(self.tenant, incident or {}))
             if incident is None or out_of_scope:
                 store.resolve_dead_letter(tid, letter.kind, letter.key)  # gone, or no longer to be synced
                 continue
@@ -277,10 +282,11 @@ class TenantPull:
                 self._dead_letter("incident", incident_id, str(incident["_alertsError"]),
                                   incident.get("lastUpdateDateTime"))
                 continue
-            if not passes_filters(tenant, incident):
+            # The tables receive every incident; the filters decide only what is mirrored.
+            if passes_filters(tenant, incident):
+                in_scope.append(incident)
+            else:
                 self.summary.filtered += 1
-                continue
-            in_scope.append(incident)
             try:
                 built = self._rows_for(incident, versions.get(incident_id), read_at)
             except ValueError as exc:
@@ -309,7 +315,9 @@ class TenantPull:
             partial.append(IncidentVersion(incident_id, version.last_update, kept, partial=True,
                                            incident_row_stored=("incident", incident_id) not in lost))
         if stored or partial:
-            store.save_versions(tenant.tenant_id, stored + partial)
+            for incident_id in store.save_versions(tenant.tenant_id, stored + partial):
+                self._note(f"incident {incident_id}: too many alerts to remember their versions; unchanged alerts "
+                           "are written again with its next version")
         self.summary.incidents += len(stored) + sum(1 for v in partial if v.incident_row_stored)
         self.summary.alerts += sum(1 for r in rows["DefenderAlerts_CL"] if ("alert", r.get("AlertId")) not in lost)
         self.summary.evidence += sum(1 for r in rows["DefenderEvidence_CL"]
@@ -437,6 +445,12 @@ class TenantPull:
                 if str(row.get("IncidentId")) == incident_id:
                     lost.add(("incident", incident_id))
         return failed, rejected, budget_spent, lost
+
+    def _note(self, text: str) -> None:
+        """Say a degradation once in the run's summary (and the log), without failing the run."""
+        if text not in self.summary.notes:
+            self.summary.notes.append(text)
+            self._log("degraded", "noted", note=text)
 
     def _dead_letter(self, kind: str, key: str, error: str, version: object) -> None:
         self.ctx.state.dead_letter(self.tenant.tenant_id, kind, key, error,

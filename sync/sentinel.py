@@ -73,6 +73,12 @@ class SentinelClient:
         """The session's counters (requests, throttled, retries, writes; ``extra["sentinelConflicts"]``)."""
         return self._session.stats
 
+    def home_tenant_id(self) -> str | None:
+        """The Entra tenant the workspace lives in: the tenant of the app's own ARM token (``tid``), since the app's
+        identity is granted roles on the workspace in that tenant. None when the token does not say."""
+        tid = self._session.token_claims().get("tid")
+        return str(tid).lower() if tid else None
+
     # ------------------------------------------------------------------------------------------------ URLs
 
     def incident_resource_id(self, name: str) -> str:

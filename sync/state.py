@@ -12,6 +12,7 @@ Transactions stay inside one partition and under the service's 100-operation lim
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -27,6 +28,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
 from .settings import StorageConfig
+from .table_limits import TableLimitError, check_entity, split_batches, utf16_len, wire_bytes
 from .timeutil import format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,11 @@ LINKS = "syncLinks"
 NAME_INDEX = "~sentinel-name"  # partition of the links table indexing Sentinel incident names
 ALL_TABLES = (TENANTS, INCIDENTS, LEASES, DEAD_LETTERS, LINKS)
 
-BATCH_LIMIT = 100           # Table service transaction limit
 READ_WORKERS = 8            # concurrent point reads per page
-PROPERTY_CHARS = 30_000     # string properties hold 64 KiB of UTF-16: stay well under
-MAX_CHUNKS = 25             # an entity holds 1 MiB; keep JSON spill under ~750 KB
+PROPERTY_UNITS = 30_000     # string properties hold 64 KiB of UTF-16 (32,768 units): stay under
+ALERT_ROW_CHARS = 400_000   # ASCII JSON of an alerts map per row: 800 KB by the service's formula, under 1 MiB
+MAX_ALERT_ROWS = 8          # rows of one incident's alerts map (about 40,000 alerts); more is not kept
+ALERT_ROW_SEP = "~alerts~"  # RowKey of an incident's alerts rows: <incident key>~alerts~<n>
 DEAD_LETTER_MAX_RETRIES = 5
 
 
@@ -51,14 +54,27 @@ def _key(value: str) -> str:
     return "".join("_" if c in "/\\#?" or ord(c) < 32 or 127 <= ord(c) < 160 else c for c in value)
 
 
-def _split_json(prefix: str, value: Any) -> dict[str, str]:
+def _utf16_chunks(text: str, units: int) -> list[str]:
+    """``text`` cut into pieces of at most ``units`` UTF-16 code units (a character outside the BMP counts two)."""
+    if len(text) == utf16_len(text):
+        return [text[i:i + units] for i in range(0, len(text), units)] or [""]
+    chunks: list[str] = []
+    start, used = 0, 0
+    for i, char in enumerate(text):
+        width = 2 if ord(char) > 0xFFFF else 1
+        if used + width > units:
+            chunks.append(text[start:i])
+            start, used = i, 0
+        used += width
+    chunks.append(text[start:])
+    return chunks
+
+
+def _split_json(prefix: str, value: Any, *, ascii_only: bool = False) -> dict[str, str]:
     """JSON spread over numbered string properties, because one property holds at most 64 KiB."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    chunks = [text[i:i + PROPERTY_CHARS] for i in range(0, len(text), PROPERTY_CHARS)] or [""]
-    if len(chunks) > MAX_CHUNKS:
-        raise ValueError(f"{prefix} is too large to store ({len(text)} characters)")
-    out = {f"{prefix}{i}": chunk for i, chunk in enumerate(chunks)}
-    out[f"{prefix}N"] = str(len(chunks))
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=ascii_only)
+    out = {f"{prefix}{i}": chunk for i, chunk in enumerate(_utf16_chunks(text, PROPERTY_UNITS))}
+    out[f"{prefix}N"] = str(len(out))
     return out
 
 
@@ -180,6 +196,7 @@ class StateStore:
         }
         entity.update(_split_json("Position", state.position))
         entity.update(_split_json("LastRun", state.last_run))
+        check_entity(entity)  # a clear error naming the limit instead of the service's 400
         self.table(TENANTS).upsert_entity(entity, mode=UpdateMode.REPLACE)
 
     # ----------------------------------------------------------------- ingested versions
@@ -194,35 +211,94 @@ class StateStore:
         pk = _key(tenant_id)
 
         def read(incident_id: str) -> IncidentVersion | None:
+            rk = _key(incident_id)
             try:
-                e = table.get_entity(pk, _key(incident_id))
+                e = table.get_entity(pk, rk)
             except ResourceNotFoundError:
                 return None
+            rows = int(e.get("AlertRows", 0) or 0)
+            alerts = _join_json("Alerts", e, {}) if not rows else self._read_alert_rows(
+                pk, rk, rows, str(e.get("AlertGen", "")))
             return IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
-                                   alerts=_join_json("Alerts", e, {}), partial=bool(e.get("Partial", False)),
+                                   alerts=alerts, partial=bool(e.get("Partial", False)),
                                    incident_row_stored=bool(e.get("IncidentRowStored", True)))
 
         with ThreadPoolExecutor(max_workers=min(READ_WORKERS, max(1, len(ids)))) as pool:
             versions = list(pool.map(read, ids))
         return {v.incident_id: v for v in versions if v is not None}
 
-    def save_versions(self, tenant_id: str, versions: Iterable[IncidentVersion]) -> None:
-        """Record ingested versions, in transactions of at most 100 entities."""
-        pk = _key(tenant_id)
-        ops: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        for v in versions:
-            entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": _key(v.incident_id), "IncidentId": v.incident_id,
-                                      "LastUpdate": v.last_update, "Partial": v.partial,
-                                      "IncidentRowStored": v.incident_row_stored}
+    def _read_alert_rows(self, pk: str, rk: str, rows: int, gen: str) -> dict[str, str]:
+        """The alerts map spread over ``rows`` rows; {} when a row is missing or from another write (torn)."""
+        alerts: dict[str, str] = {}
+        for n in range(rows):
             try:
-                entity.update(_split_json("Alerts", v.alerts))
-            except ValueError:
-                # Thousands of alerts: keep the incident version; its alerts may be written again next time.
-                entity.update(_split_json("Alerts", {}))
-            ops.append(("upsert", entity, {"mode": UpdateMode.REPLACE}))
+                e = self.table(INCIDENTS).get_entity(pk, f"{rk}{ALERT_ROW_SEP}{n}")
+            except ResourceNotFoundError:
+                e = None
+            part = _join_json("Alerts", e, None) if e is not None and e.get("AlertGen") == gen else None
+            if not isinstance(part, dict):
+                log.warning("an incident's alert versions are incomplete; its alerts are written again",
+                            extra={"action": "state-read", "outcome": "torn", "incidentId": rk})
+                return {}
+            alerts.update(part)
+        return alerts
+
+    def save_versions(self, tenant_id: str, versions: Iterable[IncidentVersion]) -> list[str]:
+        """Record ingested versions in transactions that keep the service's limits (100 operations, 4 MiB body,
+        1 MiB per entity by its formula). An alerts map too large for one entity is spread over extra rows, written
+        in the same transaction as the version where it fits, and before it otherwise. Returns the IDs of incidents
+        whose alerts map is too large even for that: their version is stored without it (the cursor moves on; their
+        alerts are written again with the next version)."""
+        pk = _key(tenant_id)
+        groups: list[list[dict[str, Any]]] = []
+        dropped: list[str] = []
+        for v in versions:
+            group = self._version_entities(pk, v)
+            if group is None:
+                dropped.append(v.incident_id)
+                log.warning("an incident's alert versions are too many to keep; its version is stored without them",
+                            extra={"tenantId": tenant_id, "incidentId": v.incident_id, "action": "state-write",
+                                   "outcome": "alerts-dropped", "alerts": len(v.alerts)})
+                group = self._version_entities(pk, IncidentVersion(v.incident_id, v.last_update, {}, v.partial,
+                                                                   v.incident_row_stored))
+                assert group is not None
+            groups.append(group)
         table = self.table(INCIDENTS)
-        for start in range(0, len(ops), BATCH_LIMIT):
-            table.submit_transaction(ops[start:start + BATCH_LIMIT])
+        for batch in split_batches(groups, wire_bytes):
+            table.submit_transaction([("upsert", e, {"mode": UpdateMode.REPLACE}) for e in batch])
+        return dropped
+
+    @staticmethod
+    def _version_entities(pk: str, v: IncidentVersion) -> list[dict[str, Any]] | None:
+        """The version's entities, its head (the row every read starts from) last; None when the alerts map does
+        not fit :data:`MAX_ALERT_ROWS` rows."""
+        rk = _key(v.incident_id)
+        head: dict[str, Any] = {"PartitionKey": pk, "RowKey": rk, "IncidentId": v.incident_id,
+                                "LastUpdate": v.last_update, "Partial": v.partial,
+                                "IncidentRowStored": v.incident_row_stored}
+        inline = {**head, **_split_json("Alerts", v.alerts)}
+        try:
+            check_entity(inline)
+            return [inline]
+        except TableLimitError:
+            pass
+        parts: list[dict[str, str]] = [{}]
+        used = 0
+        for alert_id, version in v.alerts.items():
+            cost = len(json.dumps(alert_id)) + len(json.dumps(version)) + 2
+            if used + cost > ALERT_ROW_CHARS and parts[-1]:
+                parts.append({})
+                used = 0
+            parts[-1][alert_id] = version
+            used += cost
+        if len(parts) > MAX_ALERT_ROWS:
+            return None
+        gen = hashlib.sha256(json.dumps(v.alerts, sort_keys=True).encode()).hexdigest()[:16]
+        rows = [{"PartitionKey": pk, "RowKey": f"{rk}{ALERT_ROW_SEP}{n}", "AlertGen": gen,
+                 **_split_json("Alerts", part, ascii_only=True)} for n, part in enumerate(parts)]
+        for row in rows:
+            check_entity(row)
+        return [*rows, {**head, "AlertRows": len(rows), "AlertGen": gen}]
 
     # ----------------------------------------------------------------- leases
     def acquire_lease(self, tenant_id: str, scope: str, owner: str, seconds: float) -> Lease | None:
@@ -323,6 +399,7 @@ class StateStore:
         pk, rk = _marker_key(kind, tenant_id)
         entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": rk}
         entity.update(_split_json("Value", value))
+        check_entity(entity)
         self.table(TENANTS).upsert_entity(entity, mode=UpdateMode.REPLACE)
 
     def note_once(self, kind: str, tenant_id: str) -> bool:
@@ -348,6 +425,7 @@ class StateStore:
         entity: dict[str, Any] = {"PartitionKey": _key(tenant_id), "RowKey": _key(incident_id),
                                   "IncidentId": incident_id, "SentinelName": str(body.get("sentinelName", ""))}
         entity.update(_split_json("Link", body))
+        check_entity(entity)
         table = self.table(LINKS)
         try:
             if etag is None:

@@ -2,6 +2,7 @@
 
 - ``ca_bundle`` (session): the emulators' CA file; sets ``os.environ["REQUESTS_CA_BUNDLE"]`` for the session.
 - ``azurite`` (session): a running Azurite's connection string (skips the test when node/Azurite is missing).
+- ``table_guard`` (autouse): Table Storage's size and batch limits on every write (see ``table_guard.py``).
 - ``storage`` (function): the same connection string after deleting every table and queue (a clean account).
 - ``emulator_hub`` (session): the running :class:`~emulators.hub.EmulatorHub`.
 - ``emulators`` (function): that hub, reset (world, faults, request log, Sentinel) before the test.
@@ -26,6 +27,9 @@ import pytest
 if str(Path(__file__).resolve().parent.parent) not in sys.path:   # the repo root: `import emulators`, `import sync`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from azure.core.pipeline.transport import RequestsTransport
+from table_guard import TableGuard
+
 from emulators.azurite import Azurite
 from emulators.certs import ensure_tls
 from emulators.hub import EmulatorHub, World
@@ -48,6 +52,15 @@ def apply_settings(monkeypatch: pytest.MonkeyPatch, settings: Mapping[str, str])
         monkeypatch.delenv(name, raising=False)
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(autouse=True)
+def table_guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[TableGuard]:
+    """Every Table Storage write of every test is checked against the service's limits (Azurite checks none)."""
+    guard = TableGuard()
+    monkeypatch.setattr(RequestsTransport, "send", guard.wrap(RequestsTransport.send))
+    yield guard
+    assert not guard.violations, f"writes the Table service would refuse: {guard.violations[:3]}"
 
 
 @pytest.fixture(scope="session")

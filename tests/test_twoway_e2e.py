@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,7 +19,9 @@ from conftest import apply_settings
 from harness import http, run_queue, run_timer
 
 from emulators.base import Fault
+from sync.context import get_context
 from sync.mirror_target import SentinelTarget
+from sync.timeutil import format_time, utcnow
 
 CONTOSO, FABRIKAM = "Contoso", "Fabrikam"
 
@@ -266,17 +269,15 @@ def test_builtin_connector_incidents_are_left_alone_and_said_once_per_tenant(
     for incident_id in ("401", "402", "403"):
         env.incident(a, incident_id)
     env.incident(b, "401")
-    builtin = [env.sentinel.seed_xdr_incident(i) for i in ("401", "402")]
+    builtin = [env.sentinel.seed_xdr_incident(i, tenant_id=a) for i in ("401", "402")]
     caplog.set_level(logging.INFO)
     env.configure()
     run_timer("defender_pull")
     names = {r["name"] for r in env.sentinel.all_incidents()}
     assert env.name(a, "401") not in names and env.name(a, "402") not in names
-    assert env.name(a, "403") in names
-    # The connector's incidents carry a portal link without ?tid=: they match in any tenant that has that ID.
+    assert env.name(a, "403") in names and env.name(b, "401") in names, "the link names tenant a: b is the app's"
     notes = [r for r in caplog.records if getattr(r, "outcome", None) == "builtin-connector"]
-    assert len({getattr(r, "tenantId", None) for r in notes}) == len(notes), "said once per tenant"
-    assert {getattr(r, "tenantId", None) for r in notes} <= {a, b} and any(r.tenantId == a for r in notes)
+    assert [getattr(r, "tenantId", None) for r in notes] == [a], "said once, for the tenant the connector serves"
     # Nothing is pushed back from (or written to) the connector's incidents.
     for resource in builtin:
         env.sentinel.analyst_update(resource["name"], status="Closed", classification="FalsePositive",
@@ -291,9 +292,30 @@ def test_builtin_connector_incidents_are_left_alone_and_said_once_per_tenant(
     run_timer("defender_pull")
     http("sync_run", body={"direction": "reconcile"})
     assert not env.writes.graph
-    assert set(env.sentinel.write_counts()) <= {env.name(a, "403")}
+    assert set(env.sentinel.write_counts()) <= {env.name(a, "403"), env.name(b, "401")}
     assert not [r for r in caplog.records if getattr(r, "outcome", None) == "builtin-connector"], "said once"
     assert env.defender(a, "401")["status"] == "inProgress"
+
+
+@pytest.mark.parametrize("lenient", [False, True], ids=["filtering-service", "service-ignoring-filter"])
+def test_an_mssp_home_tenants_builtin_mirrors_never_claim_a_customers_incidents_with_the_same_ids(
+        env: Env, lenient: bool) -> None:
+    home, a = env.hub.world.home_tenant_id, env.a
+    ids = [str(n) for n in range(1, 6)]
+    # The built-in connector mirrors the MSSP's own Defender incidents 1..5 (its links carry no tid).
+    for incident_id in ids:
+        env.sentinel.seed_xdr_incident(incident_id)
+        env.incident(a, incident_id)
+    env.sentinel.seed_xdr_incident("3", tenant_id=a)   # a customer-tenant link claims 3 of tenant a only
+    env.sentinel.seed_xdr_incident("40", tenant_id=a)
+    env.configure()
+    if lenient:
+        env.sentinel.ignore_provider_filter = True
+    run_timer("defender_pull")
+    names = {r["name"] for r in env.sentinel.all_incidents()}
+    mirrored = {i for i in ids if env.name(a, i) in names}
+    assert mirrored == set(ids) - {"3"}, "the home tenant's built-in incidents must not hide the customer's"
+    assert home != a
 
 
 def test_deleted_sentinel_incident_is_not_recreated_and_a_gone_defender_incident_ends_its_link(env: Env) -> None:
@@ -360,6 +382,27 @@ def test_min_severity_is_evaluated_per_version(env: Env) -> None:
     env.world.update_incident(a, "701", severity="high")
     run_timer("defender_pull")
     assert env.get(a, "701")["properties"]["severity"] == "High", "raised to high later: it starts syncing"
+
+
+def test_filters_decide_the_mirror_only_every_incident_reaches_the_tables(env: Env) -> None:
+    a = env.a
+    env.incident(a, "711", severity="low")
+    env.incident(a, "712", severity="high", alerts=[alert("Cloud app", serviceSource="microsoftDefenderForCloudApps")])
+    env.incident(a, "713", severity="high")
+    # An out-of-scope incident whose earlier ingest failed, older than the window: only its dead letter brings it in.
+    old = format_time(utcnow() - timedelta(days=30))
+    env.incident(a, "714", severity="low", createdDateTime=old, lastUpdateDateTime=old)
+    env.configure({a: {"minSeverity": "medium", "serviceSources": ["microsoftDefenderForEndpoint"]}})
+    get_context().state.dead_letter(a, "ingest", "714", "rows refused once", version=old)
+    run_timer("defender_pull")
+    tabled = {r["IncidentId"] for r in env.world.rows("DefenderIncidents_CL") if r["DefenderTenantId"] == a}
+    assert tabled == {"711", "712", "713", "714"}, "filters must not keep incidents out of the tables"
+    assert {r["AlertId"] for r in env.world.rows("DefenderAlerts_CL")} >= {
+        x["id"] for i in ("711", "712", "714") for x in env.defender(a, i)["alerts"]}
+    assert env.sentinel.get(env.name(a, "711")) is None and env.sentinel.get(env.name(a, "712")) is None
+    assert env.sentinel.get(env.name(a, "714")) is None
+    assert env.sentinel.get(env.name(a, "713")) is not None
+    assert not list(get_context().state.dead_letters(a)), "the retried letter is resolved once ingested"
 
 
 # ------------------------------------------------------------------------------------------------------- round trip
