@@ -1,12 +1,12 @@
-"""Emulated Azure Monitor Logs Ingestion API (a DCR with three custom streams).
+"""Emulated Azure Monitor Logs Ingestion API (a DCR with the project's custom streams).
 
 ``POST /dataCollectionRules/{immutableId}/streams/{stream}?api-version=2023-01-01``
 
 - Bearer token for ``https://monitor.azure.com`` (401 otherwise); when :attr:`IngestionState.authorized` is set, the
   token's ``oid`` must be in it (403 ``OperationFailed``, the missing "Monitoring Metrics Publisher" role).
 - Only the configured DCR immutable ID (404 otherwise) and the streams ``Custom-DefenderIncidents``,
-  ``Custom-DefenderAlerts``, ``Custom-DefenderEvidence`` (-> ``DefenderIncidents_CL``, ``DefenderAlerts_CL``,
-  ``DefenderEvidence_CL``; 400 ``InvalidStream`` otherwise). ``api-version`` must be 2023-01-01 or
+  ``Custom-DefenderAlerts``, ``Custom-DefenderEvidence``, ``Custom-DefenderMirrorRequests`` (-> ``DefenderIncidents_CL``,
+  ``DefenderAlerts_CL``, ``DefenderEvidence_CL``, ``DefenderMirrorRequests_CL``; 400 ``InvalidStream`` otherwise). ``api-version`` must be 2023-01-01 or
   2021-11-01-preview.
 - ``Content-Encoding: gzip`` is decompressed. 413 when the body as sent OR uncompressed exceeds 1,048,576 bytes.
 - The body must be a JSON array of objects; every key must be a column of ``infra/tables/<Table>.json`` and every
@@ -42,6 +42,7 @@ DEFAULT_STREAMS = {
     "Custom-DefenderIncidents": "DefenderIncidents_CL",
     "Custom-DefenderAlerts": "DefenderAlerts_CL",
     "Custom-DefenderEvidence": "DefenderEvidence_CL",
+    "Custom-DefenderMirrorRequests": "DefenderMirrorRequests_CL",
 }
 TABLES_DIR = Path(__file__).resolve().parent.parent / "infra" / "tables"
 _DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})?)?$",
