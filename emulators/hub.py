@@ -115,6 +115,8 @@ class World:
             self.graph.reset()
             self.ingestion.reset()
             self.portal.reset()
+            # A test that advanced the clock (e.g. the portal's rule minutes) must not leave later tests in the future.
+            self.clock.reset()
             self.extras.clear()
             self._apply_baseline()
 

@@ -248,3 +248,12 @@ def test_the_portal_control_api_over_http(portal: EmulatorHub) -> None:
     assert len(control("runs")) == 1
     response = requests.post(base, json={"op": "bogus", "args": {}}, timeout=30)
     assert response.status_code == 404 and "unknown portal operation" in response.text
+
+
+def test_a_reset_brings_the_advanced_clock_back_to_real_time(portal: EmulatorHub) -> None:
+    """Rule minutes advanced in one test must not put the next test's Graph and Sentinel times in the future."""
+    portal.world.portal.advance(minutes=30)
+    real = int(datetime.now(UTC).timestamp() * 10_000_000)
+    assert parse_ticks(portal.world.clock.now()) - real >= 30 * 60 * 10_000_000
+    portal.reset()
+    assert abs(parse_ticks(portal.world.clock.now()) - real) < 60 * 10_000_000
