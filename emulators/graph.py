@@ -212,6 +212,12 @@ class ServerClock:
         with self._lock:
             self._offset += int(seconds * TICKS_PER_SECOND)
 
+    def reset(self) -> None:
+        """Back to real time (no offset): for a reset World, whose stored times are gone with it."""
+        with self._lock:
+            self._offset = 0
+            self._last = 0
+
 
 # ----------------------------------------------------------------------------------------------------- storage
 

@@ -46,6 +46,7 @@ from .entra import (
 from .generator import TenantSpec, generate_incidents, make_tenants
 from .graph import GraphService, GraphState, PageInfo, ServerClock, expand_alerts_page_over
 from .ingestion import INGESTION_AUDIENCE, IngestionService, IngestionState, Violation
+from .portal import PortalWorld
 from .server import EmuHTTPServer, RequestLog, server_context
 from .tokens import TokenIssuer
 
@@ -73,7 +74,10 @@ class World:
         self.clock = ServerClock()
         self.entra = EntraState(self.lock)
         self.graph = GraphState(self.lock, self.clock)
-        self.ingestion = IngestionState(dcr_immutable_id or f"dcr-{uuid.uuid4().hex}", self.lock)
+        self.ingestion = IngestionState(dcr_immutable_id or f"dcr-{uuid.uuid4().hex}", self.lock,
+                                        clock_ticks=self.clock.now_ticks)
+        # The unified Defender portal (emulators/portal.py); bound to the Sentinel emulator when the hub builds it.
+        self.portal = PortalWorld(self.lock, self.ingestion, self.clock.advance)
         self.extras: dict[str, Any] = {}
         self.home_tenant_id = home_tenant_id or str(uuid.uuid4())
         subscription = str(uuid.uuid4())
@@ -110,6 +114,9 @@ class World:
             self.entra.token_lifetime = 3600
             self.graph.reset()
             self.ingestion.reset()
+            self.portal.reset()
+            # A test that advanced the clock (e.g. the portal's rule minutes) must not leave later tests in the future.
+            self.clock.reset()
             self.extras.clear()
             self._apply_baseline()
 
@@ -259,8 +266,10 @@ def sentinel_factory(world: World, issuer: TokenIssuer, base_url: str) -> Servic
 
     try:
         # One clock for Graph and Sentinel, so "latest wins" compares times from the same source.
-        service: Service = SentinelService(verifier, [world.sentinel_workspace_id], base_url=base_url,
-                                           clock_ns=lambda: world.clock.now_ticks() * 100)
+        sentinel = SentinelService(verifier, [world.sentinel_workspace_id], base_url=base_url,
+                                   clock_ns=lambda: world.clock.now_ticks() * 100)
+        world.portal.bind(sentinel)
+        service: Service = sentinel
     except TypeError:
         service = SentinelService(world, verifier)  # type: ignore[arg-type]
         if hasattr(service, "base_url"):

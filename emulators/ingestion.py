@@ -1,13 +1,14 @@
-"""Emulated Azure Monitor Logs Ingestion API (a DCR with three custom streams).
+"""Emulated Azure Monitor Logs Ingestion API (a DCR with the project's custom streams).
 
 ``POST /dataCollectionRules/{immutableId}/streams/{stream}?api-version=2023-01-01``
 
 - Bearer token for ``https://monitor.azure.com`` (401 otherwise); when :attr:`IngestionState.authorized` is set, the
   token's ``oid`` must be in it (403 ``OperationFailed``, the missing "Monitoring Metrics Publisher" role).
 - Only the configured DCR immutable ID (404 otherwise) and the streams ``Custom-DefenderIncidents``,
-  ``Custom-DefenderAlerts``, ``Custom-DefenderEvidence`` (-> ``DefenderIncidents_CL``, ``DefenderAlerts_CL``,
-  ``DefenderEvidence_CL``; 400 ``InvalidStream`` otherwise). ``api-version`` must be 2023-01-01 or
-  2021-11-01-preview.
+  ``Custom-DefenderAlerts``, ``Custom-DefenderEvidence``, ``Custom-DefenderMirrorRequests`` (-> the table of the
+  same name with ``_CL``; 400 ``InvalidStream`` otherwise). ``api-version`` must be 2023-01-01 or
+  2021-11-01-preview. Each row's ingestion time on the World's clock is kept for the rule model
+  (:meth:`IngestionState.rows_ingested_between`).
 - ``Content-Encoding: gzip`` is decompressed. 413 when the body as sent OR uncompressed exceeds 1,048,576 bytes.
 - The body must be a JSON array of objects; every key must be a column of ``infra/tables/<Table>.json`` and every
   value must fit the column type (``string``; ``int`` 32-bit and ``long`` 64-bit integers; ``real`` numbers;
@@ -26,6 +27,7 @@ import json
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +44,7 @@ DEFAULT_STREAMS = {
     "Custom-DefenderIncidents": "DefenderIncidents_CL",
     "Custom-DefenderAlerts": "DefenderAlerts_CL",
     "Custom-DefenderEvidence": "DefenderEvidence_CL",
+    "Custom-DefenderMirrorRequests": "DefenderMirrorRequests_CL",
 }
 TABLES_DIR = Path(__file__).resolve().parent.parent / "infra" / "tables"
 _DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})?)?$",
@@ -84,8 +87,12 @@ class IngestionState:
     """The DCR's configuration and what was ingested. Thread-safe."""
 
     def __init__(self, dcr_immutable_id: str, lock: threading.RLock | None = None,
-                 streams: dict[str, str] | None = None, tables_dir: Path = TABLES_DIR) -> None:
+                 streams: dict[str, str] | None = None, tables_dir: Path = TABLES_DIR,
+                 clock_ticks: Callable[[], int] | None = None) -> None:
         self.lock = lock or threading.RLock()
+        # Ingestion time of each stored row (100 ns ticks on the World's clock): what a rule's run window reads.
+        self.clock_ticks = clock_ticks or (lambda: int(datetime.now(UTC).timestamp() * 10_000_000))
+        self._ingested_at: dict[str, list[int]] = {}
         self.dcr_immutable_id = dcr_immutable_id
         self.streams = dict(streams or DEFAULT_STREAMS)
         self.tables_dir = tables_dir
@@ -100,6 +107,12 @@ class IngestionState:
         with self.lock:
             return list(self._rows.get(table, []))
 
+    def rows_ingested_between(self, table: str, after: int, until: int) -> list[dict[str, Any]]:
+        """Rows of ``table`` ingested in ``(after, until]`` (ticks), in arrival order."""
+        with self.lock:
+            stamps = self._ingested_at.get(table, [])
+            return [row for row, at in zip(self._rows.get(table, []), stamps, strict=True) if after < at <= until]
+
     def all_rows(self) -> dict[str, list[dict[str, Any]]]:
         with self.lock:
             return {t: list(r) for t, r in self._rows.items()}
@@ -108,6 +121,7 @@ class IngestionState:
         """Forget rows, violations and counters (the configuration stays)."""
         with self.lock:
             self._rows = {t: [] for t in self.schemas}
+            self._ingested_at = {}
             self.violations.clear()
             self.stats = IngestionStats()
             self.authorized = None
@@ -215,6 +229,8 @@ class IngestionService:
             rows.append(stored)
         with self.state.lock:
             self.state._rows.setdefault(table, []).extend(rows)
+            stamps = self.state._ingested_at.setdefault(table, [])
+            stamps.extend([self.state.clock_ticks()] * (len(self.state._rows[table]) - len(stamps)))
             self.state.violations.extend(violations)
             self.state.stats.rows[table] = self.state.stats.rows.get(table, 0) + len(rows)
 

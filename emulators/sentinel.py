@@ -15,6 +15,9 @@ Routes (under a workspace resource ID, compared case-insensitively; unknown work
   ``properties/createdTimeUtc``, ``properties/incidentNumber``, ``name``; ``asc`` default, or ``desc``), ``$top``
   (1..1000, default :attr:`SentinelService.default_page_size`), ``$skipToken`` and an absolute ``nextLink``.
 - ``GET {ws}/.../incidents/{id}/comments`` (paged the same way, oldest first), ``GET|PUT .../comments/{commentId}``.
+- ``POST {ws}/.../incidents/{id}/alerts`` (the incident's SecurityAlert entities) and
+  ``GET|PUT {ws}/.../alertRules/{ruleId}`` (also with ``2025-10-01-preview``): the unified-portal world of
+  ``emulators/portal.py``, which also documents the portal mode (``unified_portal``) and the NRT rule runs.
 
 Emulator choices where the reference is silent (each one the *pessimistic* reading for the app):
 
@@ -56,6 +59,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from .base import EmuError, EmuRequest, EmuResponse, FaultPlan
+from .portal import PREVIEW_API_VERSION, AlertRuleStore
 
 API_VERSION = "2025-09-01"
 PROVIDER = "Microsoft.SecurityInsights"
@@ -87,6 +91,7 @@ _WS_RE = re.compile(
     r"/providers/microsoft\.securityinsights/(?P<rest>.*?)/?$",
     re.IGNORECASE,
 )
+_ALERT_RULE_RE = re.compile(r"^alertrules/([^/]+)$", re.IGNORECASE)
 _INCIDENT_RE = re.compile(
     r"^incidents(?:/(?P<inc>[^/]+)(?:/(?P<sub>[^/]+)(?:/(?P<cid>[^/]+))?)?)?$", re.IGNORECASE)
 _CLAUSE_RE = re.compile(
@@ -161,6 +166,9 @@ class _Incident:
     modified_by: tuple[str, str]
     comments: dict[str, _Comment] = field(default_factory=dict)   # keyed by lower-cased comment name
     history: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)     # SecurityAlert entities (rule incidents)
+    entities: list[dict[str, Any]] = field(default_factory=list)
+    visible: bool = True                       # shown in the Defender portal's queue (not an ARM property)
 
 
 @dataclass
@@ -254,6 +262,10 @@ class SentinelService:
             self.add_workspace(ws)
         self.write_log: list[WriteRecord] = []
         self.requests: int = 0
+        # Unified-portal world (emulators/portal.py): the mode switch, the analytics rules, the PortalWorld.
+        self.unified_portal = False
+        self.alert_rules = AlertRuleStore(self._lock)
+        self.portal: Any = None
 
     # ------------------------------------------------------------------------------------------- workspaces & clock
 
@@ -315,7 +327,7 @@ class SentinelService:
             "additionalData": additional,
             "relatedAnalyticRuleIds": list(inc.related_rule_ids),
             "incidentUrl": f"https://portal.azure.com/#asset/Microsoft_Azure_Security_Insights/Incident{rid}",
-            "providerName": inc.provider_name,
+            "providerName": XDR_PROVIDER_NAME if self.unified_portal else inc.provider_name,
             "providerIncidentId": inc.provider_incident_id,
         })
         return {
@@ -400,7 +412,9 @@ class SentinelService:
         if not version:
             raise _Reject(400, "MissingApiVersionParameter",
                           "The api-version query parameter (?api-version=) is required for all requests.")
-        if version not in self.api_versions:
+        # NRT analytics rules exist only in preview versions of the REST API.
+        rules = "/alertrules/" in request.path.lower()
+        if version not in self.api_versions and not (rules and version == PREVIEW_API_VERSION):
             raise _Reject(400, "NoRegisteredProviderFound",
                           f"No registered resource provider found for API version '{version}' and type "
                           f"'{PROVIDER}/incidents'. The supported api-versions are "
@@ -409,7 +423,8 @@ class SentinelService:
     def _route(self, request: EmuRequest, claims: dict[str, Any]) -> EmuResponse:
         m = _WS_RE.match(request.path)
         inc_m = _INCIDENT_RE.match(m.group("rest")) if m else None
-        if not m or not inc_m:
+        rule_m = _ALERT_RULE_RE.match(m.group("rest")) if m else None
+        if not m or not (inc_m or rule_m):
             raise _Reject(404, "NotFound", f"No route for '{request.path}' in the Sentinel emulator.")
         with self._lock:
             key = m.group("ws").lower()
@@ -420,6 +435,15 @@ class SentinelService:
                                   f"under resource group '{m.group('rg')}' was not found.")
                 self.add_workspace(m.group("ws"))
             ws = self._workspaces[key]
+            if rule_m:
+                try:
+                    status, body = self.alert_rules.handle(ws.resource_id, rule_m.group(1), request.method.upper(),
+                                                           request.q("api-version"), _json_or_none(request),
+                                                           self._tick())
+                except EmuError as err:
+                    raise _Reject(err.status, err.code, err.message) from None
+                return _ok(status, body)
+            assert inc_m is not None
             inc_name, sub, cid = inc_m.group("inc"), inc_m.group("sub"), inc_m.group("cid")
             method = request.method.upper()
             if inc_name is None:
@@ -434,6 +458,10 @@ class SentinelService:
                 if method == "DELETE":
                     return self._delete_incident(ws, inc_name, claims)
                 raise _Reject(405, "MethodNotAllowed", f"{method} is not allowed on an incident.")
+            if sub.lower() == "alerts" and cid is None:
+                if method == "POST":
+                    return _ok(200, {"value": copy.deepcopy(self._require(ws, inc_name).alerts)})
+                raise _Reject(405, "MethodNotAllowed", f"{method} is not allowed on an incident's alerts.")
             if sub.lower() != "comments":
                 raise _Reject(404, "NotFound", f"Incident sub-resource '{sub}' is not emulated.")
             inc = self._require(ws, inc_name)
@@ -486,6 +514,8 @@ class SentinelService:
         now = self._tick()
         if existing is None:
             inc = self._create(ws, inc_name, props, now, who, NATIVE_PROVIDER_NAME, None)
+            # The unified portal never shows an incident created through the API.
+            inc.visible = not self.unified_portal
             status = 201
         else:
             inc = existing
@@ -824,6 +854,82 @@ class SentinelService:
                 },
             }
 
+    # ------------------------------------------------------------------------------------------- unified portal
+
+    def now_ticks(self) -> int:
+        """The service's clock (100 ns ticks), for the rule model."""
+        return self._tick()
+
+    def default_workspace_id(self) -> str:
+        """The resource ID of the only workspace (ValueError when there are several)."""
+        return self._workspace(None).resource_id
+
+    def create_rule_incident(self, workspace_id: str, rule_id: str, alert: dict[str, Any],
+                             entities: list[dict[str, Any]]) -> str:
+        """Create the incident of one analytics-rule alert (no grouping): title, severity and description from the
+        alert, ``relatedAnalyticRuleIds`` = [rule_id], the alert as a SecurityAlert entity. Returns its name."""
+        with self._lock:
+            ws = self._workspace(workspace_id)
+            now = self._tick()
+            props = _validate_properties({"title": alert["name"], "severity": alert["severity"], "status": "New",
+                                          "description": alert["description"]}, None)
+            inc = self._create(ws, str(uuid.uuid4()), props, now, ("Microsoft Sentinel", "Application"),
+                               XDR_PROVIDER_NAME, None, {"alertsCount": 1, "alertProductNames": ["Azure Sentinel"]})
+            inc.additional["providerIncidentUrl"] = f"https://security.microsoft.com/incidents/{inc.number}"
+            inc.related_rule_ids = [rule_id]
+            inc.alerts = [self._render_alert(ws, alert, now, rule_id)]
+            inc.entities = copy.deepcopy(entities)
+            return inc.name
+
+    def _render_alert(self, ws: _Workspace, alert: dict[str, Any], now: int, rule_id: str) -> dict[str, Any]:
+        alert_id = str(uuid.uuid4())
+        stamp = format_ticks(now)
+        additional: dict[str, Any] = {"Analytic Rule Ids": json.dumps([rule_id.rsplit("/", 1)[-1]]),
+                                      "ProcessedBySentinel": "True", "AlertMessageEnqueueTime": stamp}
+        if alert["customDetails"]:
+            additional["Custom Details"] = json.dumps(alert["customDetails"])
+        props: dict[str, Any] = {
+            "systemAlertId": alert_id, "providerAlertId": alert_id, "alertDisplayName": alert["name"],
+            "friendlyName": alert["name"], "alertType": f"{ws.guid}_{rule_id.rsplit('/', 1)[-1]}",
+            "description": alert["description"], "severity": alert["severity"], "status": "New",
+            "confidenceLevel": "Unknown", "vendorName": "Microsoft", "productName": "Azure Sentinel",
+            "productComponentName": "Scheduled Alerts", "tactics": [], "timeGenerated": stamp,
+            "startTimeUtc": stamp, "endTimeUtc": stamp, "processingEndTime": stamp,
+            "resourceIdentifiers": [{"type": "LogAnalytics", "workspaceId": ws.guid,
+                                     "subscriptionId": ws.subscription, "resourceGroup": ws.resource_group}],
+            "additionalData": additional,
+        }
+        if alert.get("alertLink"):
+            props["alertLink"] = alert["alertLink"]
+        return {"id": f"{ws.resource_id}/providers/{PROVIDER}/Entities/{alert_id}", "name": alert_id,
+                "type": f"{PROVIDER}/Entities", "kind": "SecurityAlert", "properties": props}
+
+    def incident_visibility(self, *, workspace: str | None = None) -> dict[str, bool]:
+        """Lower-cased incident name -> shown in the Defender portal's queue."""
+        with self._lock:
+            return {key: inc.visible for key, inc in self._workspace(workspace).incidents.items()}
+
+    def incident_alerts(self, name: str, *, workspace: str | None = None) -> list[dict[str, Any]]:
+        """The incident's alerts as ``POST .../alerts`` returns them."""
+        with self._lock:
+            return copy.deepcopy(self._require_named(workspace, name).alerts)
+
+    def incident_entities(self, name: str, *, workspace: str | None = None) -> list[dict[str, Any]]:
+        """The entities the rule mapped for the incident (``{"kind", "properties"}``)."""
+        with self._lock:
+            return copy.deepcopy(self._require_named(workspace, name).entities)
+
+    def _require_named(self, workspace: str | None, name: str) -> _Incident:
+        inc = self._workspace(workspace).incidents.get(name.lower())
+        if inc is None:
+            raise KeyError(f"no incident {name!r}")
+        return inc
+
+    def _portal_control(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        if self.portal is None:
+            raise KeyError("no portal world is bound to this Sentinel emulator")
+        return self.portal.control(op, args or {})
+
     # ------------------------------------------------------------------------------------------- control API
 
     def control(self, op: str, args: dict[str, Any]) -> Any:
@@ -836,7 +942,7 @@ class SentinelService:
             "comments": self.comments, "history": self.history, "deleted": self.deleted,
             "trigger_body": self.trigger_body, "write_counts": self.write_counts, "writes": self.writes,
             "reset_write_log": self.reset_write_log, "add_workspace": self.add_workspace,
-            "config": self._config,
+            "config": self._config, "portal": self._portal_control,
         }
         fn = ops.get(op)
         if fn is None:
@@ -871,6 +977,15 @@ class SentinelService:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _json_or_none(request: EmuRequest) -> Any:
+    if not request.body:
+        return None
+    try:
+        return request.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Reject(400, "InvalidRequestContent", f"The request content was invalid: {exc}") from exc
 
 
 def _caller(claims: dict[str, Any]) -> tuple[str, str]:

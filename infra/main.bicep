@@ -9,6 +9,7 @@
 //     modules/workbook.bicep   sync health + incident picture workbook                      (Sentinel workspace's group)
 //     modules/playbook.bicep   Logic App that forwards incident updates to the webhook      (app resource group)
 //     modules/automation.bicep automation rule "when incident is updated" -> playbook       (Sentinel workspace's group)
+//     modules/mirror-rule.bicep NRT analytics rule creating the mirrors (defender-portal)    (Sentinel workspace's group)
 //
 // Deploy with `azd up` (azure.yaml at the repo root) or
 //   az deployment sub create -l <region> -f infra/main.bicep -p environmentName=... sentinelWorkspaceResourceId=... ...
@@ -164,6 +165,18 @@ param syncOwnerMap object = {}
 param webhookMaxBodyBytes int = 4194304
 
 @allowed([
+  'defender-portal'
+  'sentinel-api'
+])
+@description('SYNC_MIRROR_TARGET: defender-portal (default for new deployments: Microsoft onboards every new workspace to the unified Defender portal, where incidents created through the API are never shown) deploys the DefenderMirrorRequests_CL table and the mirror analytics rule that creates each mirror; sentinel-api creates mirrors through the incidents API (workspaces still managed in the Azure portal). The app itself defaults to sentinel-api when the setting is absent, so existing deployments keep their behaviour.')
+param mirrorTarget string = 'defender-portal'
+
+@minValue(1)
+@maxValue(30)
+@description('SYNC_MIRROR_REQUESTS_PER_MINUTE (defender-portal): mirror requests in any rolling 60 seconds. At most 30: a rule run over more than 30 rows turns only 29 of them into their own alerts.')
+param mirrorRequestsPerMinute int = 25
+
+@allowed([
   'inline'
   'queue'
 ])
@@ -264,6 +277,10 @@ var effectiveAuthorityHost = empty(authorityHost) ? defaultAuthorityHost : autho
 var effectiveLogsIngestionScope = empty(logsIngestionScope) ? defaultLogsIngestionScope : logsIngestionScope
 var effectiveTenantIds = empty(defenderTenantIds) ? tenant().tenantId : defenderTenantIds
 
+var portalMirror = mirrorTarget == 'defender-portal'
+// Deterministic per workspace: redeployments keep the rule (and the app's SYNC_MIRROR_RULE_ID) the same.
+var mirrorRuleId = guid(sentinelWorkspaceResourceId, 'defender-sync-mirror-rule')
+
 // ---------------------------------------------------------------------------------------------------------------
 // Resources
 
@@ -293,7 +310,21 @@ module workspace 'modules/workspace.bicep' = {
     dataCollectionRuleName: 'dcr-defender-sync-${resourceToken}'
     appPrincipalId: identity.outputs.principalId
     tableRetentionInDays: tableRetentionInDays
+    deployMirrorRequests: portalMirror
   }
+}
+
+// After the workspace module: the rule's query needs DefenderMirrorRequests_CL to exist.
+module mirrorRule 'modules/mirror-rule.bicep' = if (portalMirror) {
+  name: 'defender-sync-mirror-rule-${resourceToken}'
+  scope: resourceGroup(workspaceSubscriptionId, workspaceResourceGroupName)
+  params: {
+    workspaceName: workspaceName
+    ruleId: mirrorRuleId
+  }
+  dependsOn: [
+    workspace
+  ]
 }
 
 module app 'modules/app.bicep' = {
@@ -328,6 +359,9 @@ module app 'modules/app.bicep' = {
     syncOwnerMap: syncOwnerMap
     webhookMaxBodyBytes: webhookMaxBodyBytes
     syncFanout: syncFanout
+    mirrorTarget: mirrorTarget
+    mirrorRuleId: portalMirror ? mirrorRuleId : ''
+    mirrorRequestsPerMinute: mirrorRequestsPerMinute
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     sentinelWebhookFunctionKey: sentinelWebhookFunctionKey
@@ -384,7 +418,11 @@ module automation 'modules/automation.bicep' = if (deploySentinelAutomation) {
     playbookId: playbook.outputs.playbookId
     playbookPrincipalId: playbook.outputs.playbookPrincipalId
     automationRuleOrder: automationRuleOrder
+    mirrorRuleId: portalMirror ? mirrorRuleId : ''
   }
+  dependsOn: [
+    mirrorRule
+  ]
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -423,3 +461,5 @@ output APPLICATIONINSIGHTS_CONNECTION_STRING string = app.outputs.appInsightsCon
 output APPLICATIONINSIGHTS_RESOURCE_ID string = app.outputs.appInsightsId
 output SENTINEL_PLAYBOOK_ID string = deploySentinelAutomation ? playbook.outputs.playbookId : ''
 output SENTINEL_AUTOMATION_RULE_ID string = deploySentinelAutomation ? automation.outputs.automationRuleId : ''
+output SYNC_MIRROR_TARGET string = mirrorTarget
+output SYNC_MIRROR_RULE_ID string = portalMirror ? mirrorRuleId : ''

@@ -36,14 +36,22 @@ from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from .mapping import sentinel_description, sentinel_severity
 from .timeutil import parse_time
 
 STREAMS: dict[str, str] = {
     "DefenderIncidents_CL": "Custom-DefenderIncidents",
     "DefenderAlerts_CL": "Custom-DefenderAlerts",
     "DefenderEvidence_CL": "Custom-DefenderEvidence",
+    "DefenderMirrorRequests_CL": "Custom-DefenderMirrorRequests",
 }
+#: The change-log tables every pull fills (the mirror request table is written only by the ``defender-portal`` target).
+CHANGE_LOG_TABLES = ("DefenderIncidents_CL", "DefenderAlerts_CL", "DefenderEvidence_CL")
+#: Entity values kept per entity column of a mirror request (the rule maps the first few; the cap keeps the list a
+#: list: a dynamic value cut for size would become a string the rule cannot index).
+MAX_REQUEST_ENTITIES = 50
 
 #: Per-field cap in UTF-8 bytes: a safe margin under the service's 64 KB (65,536 bytes) field limit.
 FIELD_MAX_BYTES = 60_000
@@ -716,7 +724,7 @@ def rows_for_incident(incident: Mapping[str, Any], *, tenant_id: str, tenant_nam
 
     Raises ``ValueError`` like the builders (incident without id/lastUpdateDateTime, alert without id).
     """
-    rows: dict[str, list[dict[str, Any]]] = {table: [] for table in STREAMS}
+    rows: dict[str, list[dict[str, Any]]] = {table: [] for table in CHANGE_LOG_TABLES}
     row = incident_row(incident, tenant_id=tenant_id, tenant_name=tenant_name, read_at=read_at)
     rows["DefenderIncidents_CL"].append(row)
     incident_id = str(row["IncidentId"])
@@ -729,8 +737,84 @@ def rows_for_incident(incident: Mapping[str, Any], *, tenant_id: str, tenant_nam
     return rows
 
 
+def source_key(tenant_id: str, incident_id: str) -> str:
+    """``<tenant id lower-case>/<incident id>``: names one Defender incident across tenants (the rule's custom
+    detail ``SourceKey``)."""
+    return f"{_tenant_key(tenant_id)}/{str(incident_id).strip()}"
+
+
+def _with_tenant(url: Any, tenant_id: str) -> str | None:
+    """The Defender portal link with ``tid=<tenant>`` (added when Graph's link lacks it), so the link opens the
+    customer's tenant from the MSSP's portal."""
+    if not isinstance(url, str) or not url.strip():
+        return None
+    parts = urlsplit(url.strip())
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key.lower() == "tid" for key, _ in query):
+        return parts.geturl()
+    return urlunsplit(parts._replace(query=urlencode([*query, ("tid", _tenant_key(tenant_id))])))
+
+
+def _add_unique(values: list[str], seen: set[str], value: Any) -> None:
+    if isinstance(value, str) and value.strip() and value.strip().lower() not in seen \
+            and len(values) < MAX_REQUEST_ENTITIES:
+        seen.add(value.strip().lower())
+        values.append(value.strip())
+
+
+def request_entities(incident: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``Accounts`` (UPN, else ``domain\\name``, else the account name), ``Hosts`` (device DNS name or host name)
+    and ``IPs`` of the evidence of the incident's alerts, in first-seen order, de-duplicated case-insensitively,
+    at most :data:`MAX_REQUEST_ENTITIES` each."""
+    found: dict[str, list[str]] = {"Accounts": [], "Hosts": [], "IPs": []}
+    seen: dict[str, set[str]] = {name: set() for name in found}
+    alerts = incident.get("alerts")
+    for alert in alerts if isinstance(alerts, list) else []:
+        for item in _evidence_items(_obj(alert)):
+            flat = flatten_evidence(_obj(item))
+            name, domain = flat["AccountName"], flat["AccountDomain"]
+            account = _first(flat["AccountUpn"], f"{domain}\\{name}" if domain and name else None, name)
+            _add_unique(found["Accounts"], seen["Accounts"], account)
+            _add_unique(found["Hosts"], seen["Hosts"], flat["DeviceName"])
+            _add_unique(found["IPs"], seen["IPs"], flat["IpAddress"])
+    return found
+
+
+def mirror_request_row(incident: Mapping[str, Any], *, tenant_id: str, tenant_name: str, request_id: str,
+                       now: datetime) -> dict[str, Any]:
+    """The ``DefenderMirrorRequests_CL`` row asking the mirror rule for one incident (``defender-portal`` target).
+
+    ``RecordId`` = ``RequestId`` (a new GUID per request, chosen by the caller so a retried upload keeps it).
+    ``Severity`` in Sentinel's spelling, ``Description`` as the mirror's description (portal link, Defender's
+    description, alert list), ``IncidentWebUrl`` with ``tid``, entity columns from the alerts' evidence (the incident
+    read with ``$expand=alerts``). Values over 64 KB are cut and flagged like every row. Raises ``ValueError``
+    naming the field when the incident has no ``id`` or ``request_id`` is empty.
+    """
+    if not isinstance(incident, Mapping):
+        raise ValueError(f"incident must be a JSON object, not {type(incident).__name__}")
+    incident_id = _required_text(incident, "id", "incident")
+    if not isinstance(request_id, str) or not request_id.strip():
+        raise ValueError("request_id must be a non-empty string (a new GUID per request)")
+    now = _check_read_at(now)
+    raw: dict[str, Any] = {
+        "TimeGenerated": now,
+        "RecordId": request_id.strip(),
+        "RequestId": request_id.strip(),
+        "DefenderTenantId": tenant_id,
+        "TenantName": tenant_name,
+        "IncidentId": incident_id,
+        "SourceKey": source_key(tenant_id, incident_id),
+        "IncidentTitle": incident.get("displayName") or f"Defender XDR incident {incident_id}",
+        "Severity": sentinel_severity(incident.get("severity")),
+        "Description": sentinel_description(incident),
+        "IncidentWebUrl": _with_tenant(incident.get("incidentWebUrl"), tenant_id),
+        **request_entities(incident),
+    }
+    return _finish("DefenderMirrorRequests_CL", raw)
+
+
 __all__ = [
-    "FIELD_MAX_BYTES", "ROW_MAX_BYTES", "STREAMS", "TRUNCATION_MARKER", "alert_row", "canonical_time",
-    "evidence_rows", "evidence_type", "flatten_evidence", "incident_row", "load_columns", "normalize_time",
-    "record_id", "rows_for_incident",
+    "CHANGE_LOG_TABLES", "FIELD_MAX_BYTES", "ROW_MAX_BYTES", "STREAMS", "TRUNCATION_MARKER", "alert_row",
+    "canonical_time", "evidence_rows", "evidence_type", "flatten_evidence", "incident_row", "load_columns",
+    "mirror_request_row", "normalize_time", "record_id", "request_entities", "rows_for_incident", "source_key",
 ]

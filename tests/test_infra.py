@@ -29,11 +29,14 @@ MAIN = INFRA / "main.bicep"
 MODULES = INFRA / "modules"
 BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
 
-TABLE_STREAMS = {
+CHANGE_LOG_STREAMS = {
     "DefenderIncidents_CL": "Custom-DefenderIncidents",
     "DefenderAlerts_CL": "Custom-DefenderAlerts",
     "DefenderEvidence_CL": "Custom-DefenderEvidence",
 }
+# With mirrorTarget defender-portal only.
+MIRROR_STREAMS = {"DefenderMirrorRequests_CL": "Custom-DefenderMirrorRequests"}
+TABLE_STREAMS = {**CHANGE_LOG_STREAMS, **MIRROR_STREAMS}
 DCR_COLUMN_TYPES = {"string", "int", "long", "real", "boolean", "datetime", "dynamic"}
 RESERVED_COLUMNS = {"tenantid", "title", "id", "type", "_resourceid", "_subscriptionid", "uniqueid"}
 # Columns PRODUCT.md requires of every row, and of each table's rows.
@@ -44,6 +47,9 @@ REQUIRED_COLUMNS = {
                           "LastUpdateDateTime"},
     "DefenderEvidence_CL": {"TimeGenerated", "DefenderTenantId", "IncidentId", "RecordId", "AlertId",
                             "AlertLastUpdateDateTime"},
+    "DefenderMirrorRequests_CL": {"TimeGenerated", "RequestId", "RecordId", "DefenderTenantId", "TenantName",
+                                  "IncidentId", "SourceKey", "IncidentTitle", "Severity", "Description",
+                                  "IncidentWebUrl", "Accounts", "Hosts", "IPs"},
 }
 
 # PRODUCT.md's app settings, used only when sync.settings.SETTING_NAMES cannot be imported.
@@ -238,6 +244,16 @@ def param_default(document: dict[str, Any], name: str) -> Any:
     return document["parameters"][name]["default"]
 
 
+def when(node: Any, condition: str) -> tuple[Any, Any]:
+    """(always, only-when-``condition``) parts of ``union(always, condition ? extra : {})`` or ``concat(...)``."""
+    function = node["function"]
+    assert function["type"] in ("union", "concat"), render(node)
+    always, extra = function["parameters"]["arg_1"], function["parameters"]["arg_2"]["operator"]
+    assert extra["type"] == "conditional" and extra["operands"]["condition"] == condition, render(node)
+    assert extra["operands"]["false_value"] in ({}, []), render(node)
+    return always, extra["operands"]["true_value"]
+
+
 def decorator(attrs: dict[str, Any], kind: str) -> Any:
     return next((d.get("argument") for d in attrs.get("decorators", []) if d.get("type") == kind), None)
 
@@ -332,15 +348,19 @@ def test_dcr_streams_come_from_the_table_json_files() -> None:
     assert dcr["kind"] == "Direct", "a Direct DCR has its own logs ingestion endpoint (no DCE)"
     assert dcr["location"] == "location"
     properties = dcr["properties"]
-    declarations = unquoted(properties["streamDeclarations"])
-    assert set(declarations) == set(TABLE_STREAMS.values())
+    always, mirror = when(properties["streamDeclarations"], "deployMirrorRequests")
+    assert set(unquoted(always)) == set(CHANGE_LOG_STREAMS.values())
+    assert set(unquoted(mirror)) == set(MIRROR_STREAMS.values())
+    declarations = {**unquoted(always), **unquoted(mirror)}
     for table, stream in TABLE_STREAMS.items():
         assert_loads_table_json(declarations[stream]["columns"], path, table, f"streamDeclarations[{stream}]")
     destinations = [d["name"] for d in properties["destinations"]["logAnalytics"]]
     assert len(destinations) == 1
     destination = resolve_var(parse(path), destinations[0])
     assert render(properties["destinations"]["logAnalytics"][0]["workspaceResourceId"]) == "workspace.id"
-    flows = {tuple(flow["streams"]): flow for flow in properties["dataFlows"]}
+    always_flows, mirror_flows = when(properties["dataFlows"], "deployMirrorRequests")
+    assert {tuple(flow["streams"]) for flow in mirror_flows} == {(s,) for s in MIRROR_STREAMS.values()}
+    flows = {tuple(flow["streams"]): flow for flow in [*always_flows, *mirror_flows]}
     assert set(flows) == {(stream,) for stream in TABLE_STREAMS.values()}
     for table, stream in TABLE_STREAMS.items():
         flow = flows[(stream,)]
@@ -351,9 +371,14 @@ def test_dcr_streams_come_from_the_table_json_files() -> None:
 
 def test_custom_tables_take_their_schema_from_the_table_json_files() -> None:
     path = MODULES / "workspace.bicep"
-    tables = {body(attrs)["name"]: body(attrs)
-              for attrs in resources_of_type(parse(path), "Microsoft.OperationalInsights/workspaces/tables").values()}
+    found = resources_of_type(parse(path), "Microsoft.OperationalInsights/workspaces/tables")
+    tables = {body(attrs)["name"]: body(attrs) for attrs in found.values()}
     assert set(tables) == set(TABLE_STREAMS)
+    conditions = {body(attrs)["name"]: attrs["config"].get("condition") for attrs in found.values()}
+    assert conditions == {table: ("deployMirrorRequests" if table in MIRROR_STREAMS else None)
+                          for table in TABLE_STREAMS}
+    dcr = next(iter(resources_of_type(parse(path), "Microsoft.Insights/dataCollectionRules").values()))
+    assert "mirrorRequestsTable" in body(dcr)["dependsOn"], "the DCR must wait for the table its flow writes"
     for table, config in tables.items():
         assert config["properties"]["plan"] == "Analytics"
         assert config["properties"]["schema"]["name"] == table
@@ -372,6 +397,9 @@ def test_row_builders_write_only_declared_columns() -> None:
         assert dict(rows.STREAMS) == TABLE_STREAMS, "the code's stream names differ from the DCR's"
     for table in TABLE_STREAMS:
         assert rows.load_columns(table) == {c["name"]: c["type"] for c in table_columns(table)}
+    request = rows.mirror_request_row({"id": "7", "severity": "high"}, tenant_id="t", tenant_name="T",
+                                      request_id="r", now=datetime(2026, 1, 2, tzinfo=UTC))
+    assert set(request) <= {c["name"] for c in table_columns("DefenderMirrorRequests_CL")}
 
     tenant = "11111111-2222-3333-4444-555555555555"
     read_at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -665,8 +693,22 @@ def test_automation_rule_runs_the_playbook_on_analyst_updates_only() -> None:
     assert rule["scope"] == "workspace"
     logic = rule["properties"]["triggeringLogic"]
     assert (logic["triggersOn"], logic["triggersWhen"], logic["isEnabled"]) == ("Incidents", "Updated", True)
-    conditions = {c["conditionProperties"]["propertyName"]: c["conditionProperties"] for c in logic["conditions"]}
-    assert all(c["conditionType"] == "Property" for c in logic["conditions"])
+    scope, *rest = logic["conditions"]
+    # The mirror scope: the app's label (sentinel-api) or the mirror analytics rule (defender-portal).
+    choice = scope["operator"]
+    assert choice["type"] == "conditional" and render(choice["operands"]["condition"]) == "empty(mirrorRuleId)"
+    assert (choice["operands"]["true_value"], choice["operands"]["false_value"]) == \
+        ("labelCondition", "mirrorRuleCondition")
+    rule_condition = resolve_var(document, "mirrorRuleCondition")
+    assert rule_condition["conditionType"] == "Property"
+    by_rule = rule_condition["conditionProperties"]
+    assert (by_rule["propertyName"], by_rule["operator"]) == ("IncidentRelatedAnalyticRuleIds", "Contains")
+    assert by_rule["propertyValues"] == [
+        "${workspace.id}/providers/Microsoft.SecurityInsights/alertRules/${mirrorRuleId}"]
+    assert param_default(document, "mirrorRuleId") == ""
+    conditions_list = [resolve_var(document, "labelCondition"), *rest]
+    conditions = {c["conditionProperties"]["propertyName"]: c["conditionProperties"] for c in conditions_list}
+    assert all(c["conditionType"] == "Property" for c in conditions_list)
     assert "IncidentProviderName" not in conditions, "provider conditions do not match API-created incidents"
     label = conditions["IncidentLabel"]
     assert label["operator"] == "Contains"
@@ -839,3 +881,151 @@ def test_checkov_passes_on_infra() -> None:
     assert not failed, failed
     assert result.returncode == 0, result.stderr[-2000:]
     assert summary["passed"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mirror target (defender-portal): the rule that creates the mirrors
+
+
+def mirror_rule() -> dict[str, Any]:
+    document = module("mirror-rule.bicep")
+    (attrs,) = resources_of_type(document, "Microsoft.SecurityInsights/alertRules").values()
+    assert attrs["api_version"] == "2025-10-01-preview", "NRT rules exist only in preview api-versions"
+    return body(attrs)
+
+
+def test_mirror_target_parameter_defaults_to_defender_portal_and_wires_everything() -> None:
+    main = parse(MAIN)
+    assert param_default(main, "mirrorTarget") == "defender-portal"
+    assert decorator(main["parameters"]["mirrorTarget"], "allowed") == ["defender-portal", "sentinel-api"]
+    assert render(resolve_var(main, "portalMirror")) == "equals(mirrorTarget, defender-portal)"
+    rule_id = resolve_var(main, "mirrorRuleId")
+    assert rule_id["function"]["type"] == "guid", "the rule name must be deterministic (redeployments keep it)"
+    modules = main["modules"]
+    assert modules["mirrorRule"]["config"]["condition"] == "portalMirror"
+    mirror = body(modules["mirrorRule"])
+    assert mirror["params"]["ruleId"] == "mirrorRuleId" and mirror["dependsOn"] == ["workspace"]
+    assert render(mirror["scope"]) == render(body(modules["workspace"])["scope"])
+    assert body(modules["workspace"])["params"]["deployMirrorRequests"] == "portalMirror"
+    app = body(modules["app"])["params"]
+    assert app["mirrorTarget"] == "mirrorTarget"
+    assert render(app["mirrorRuleId"]) == "conditional(portalMirror, mirrorRuleId, )"
+    automation = body(modules["automation"])
+    assert render(automation["params"]["mirrorRuleId"]) == "conditional(portalMirror, mirrorRuleId, )"
+    assert "mirrorRule" in automation["dependsOn"]
+    # The app keeps sentinel-api when the setting is absent; the Bicep always sets it.
+    document = module("app.bicep")
+    assert param_default(document, "mirrorTarget") == "sentinel-api"
+    settings = app_settings()
+    assert settings["SYNC_MIRROR_TARGET"] == "mirrorTarget"
+    assert settings["SYNC_MIRROR_RULE_ID"] == "mirrorRuleId"
+    assert render(settings["SYNC_MIRROR_REQUESTS_PER_MINUTE"]) == "string(mirrorRequestsPerMinute)"
+    condition = document["variables"]["mirrorRuleSettings"]["value"]["operator"]["operands"]["condition"]
+    assert render(condition) == "equals(mirrorTarget, defender-portal)"
+    for doc in (main, document):
+        pace = doc["parameters"]["mirrorRequestsPerMinute"]
+        assert (decorator(pace, "max_value"), pace["default"]) == (30, 25)
+    parameters = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+    assert parameters["mirrorTarget"]["value"] == "${SYNC_MIRROR_TARGET=defender-portal}"
+
+
+def test_mirror_rule_makes_one_uncorrelated_incident_per_request_row() -> None:
+    rule = mirror_rule()
+    assert rule["kind"] == "NRT" and rule["scope"] == "workspace" and rule["name"] == "ruleId"
+    props = rule["properties"]
+    assert props["description"].startswith("#DONT_CORR#"), "#DONT_CORR# must open the description"
+    assert props["enabled"] is True and props["suppressionEnabled"] is False
+    assert props["severity"] in ("High", "Medium", "Low", "Informational")
+    assert props["eventGroupingSettings"] == {"aggregationKind": "AlertPerResult"}
+    incident = props["incidentConfiguration"]
+    assert incident["createIncident"] is True
+    grouping = incident["groupingConfiguration"]
+    assert grouping["enabled"] is False and grouping["reopenClosedIncident"] is False
+    assert {"lookbackDuration", "matchingMethod"} <= set(grouping), "required by the type even when disabled"
+    assert props["alertDetailsOverride"] == {
+        "alertDisplayNameFormat": "{{IncidentTitle}}", "alertDescriptionFormat": "{{Description}}",
+        "alertSeverityColumnName": "Severity",
+        "alertDynamicProperties": [{"alertProperty": "AlertLink", "value": "IncidentWebUrl"}]}
+    assert props["customDetails"] == {"SourceKey": "SourceKey", "DefenderTenantId": "DefenderTenantId",
+                                      "IncidentId": "IncidentId"}
+    # The emulator's rule model reads the same settings (so the app's tests run against the deployed rule).
+    from emulators.portal import mirror_rule_properties
+
+    model = mirror_rule_properties()
+    for key in ("eventGroupingSettings", "alertDetailsOverride", "customDetails"):
+        assert model[key] == props[key], key
+    assert model["incidentConfiguration"]["createIncident"] is True
+    assert model["incidentConfiguration"]["groupingConfiguration"]["enabled"] is False
+    assert model["description"].startswith("#DONT_CORR#")
+
+
+def test_mirror_rule_query_and_entity_mappings_fit_the_table() -> None:
+    rule = mirror_rule()
+    query = rule["properties"]["query"]["function"]
+    assert query["type"] == "load_text_content"
+    text = (MODULES / query["parameters"]["file_path"]).resolve().read_text(encoding="utf-8")
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//"))
+    assert code.lstrip().startswith("DefenderMirrorRequests_CL")
+    assert "mv-expand" not in code, "mv-expand would make several alerts (and incidents) of one request"
+    assert "summarize" not in code, "one result per row: every request becomes its own alert"
+    columns = {c["name"] for c in table_columns("DefenderMirrorRequests_CL")}
+    projected = set(re.findall(r"\b([A-Za-z][A-Za-z0-9]*)\b", code.split("| project", 1)[1]))
+    props = rule["properties"]
+    used = {"Severity", "IncidentWebUrl", "IncidentTitle", "Description", *props["customDetails"].values()}
+    assert used <= projected and used <= columns
+    mappings = props["entityMappings"]
+    assert len(mappings) <= 10, "Sentinel accepts at most 10 entity mappings per rule"
+    identifiers = {"Account": "FullName", "Host": "FullName", "IP": "Address"}
+    for mapping in mappings:
+        (field,) = mapping["fieldMappings"]
+        assert field["identifier"] == identifiers[mapping["entityType"]], mapping
+        assert field["columnName"] in projected, f"{field['columnName']} is not a column of the query"
+        source = {"Account": "Accounts", "Host": "Hosts", "IP": "IPs"}[mapping["entityType"]]
+        assert re.search(rf"{field['columnName']} = tostring\({source}\[\d\]\)", code), field
+    assert {m["entityType"] for m in mappings} == set(identifiers)
+
+
+def test_mirror_rule_properties_exist_in_the_azure_type_definitions() -> None:
+    """Every property name and enum value of the rule, checked against Azure's own type data for the version."""
+    types_path = (ROOT.parent.parent / "shared" / "reference" / "azure-types" / "Microsoft.SecurityInsights" /
+                  "2025-10-01-preview" / "types.json")
+    if not types_path.is_file():
+        types_path = Path("/work/shared/reference/azure-types/Microsoft.SecurityInsights/2025-10-01-preview/types.json")
+    if not types_path.is_file():
+        pytest.skip("the Azure type definitions are not on this machine")
+    nodes = json.loads(types_path.read_text(encoding="utf-8"))
+
+    def node(ref: dict[str, str]) -> dict[str, Any]:
+        return dict(nodes[int(ref["$ref"].split("/")[-1])])
+
+    nrt = next(n for n in nodes if n.get("$type") == "ObjectType" and n.get("name") == "NrtAlertRuleProperties")
+
+    def check(value: Any, type_node: dict[str, Any], where: str) -> None:
+        kind = type_node["$type"]
+        if kind == "ObjectType":
+            known = type_node.get("properties", {})
+            extra = type_node.get("additionalProperties")
+            assert isinstance(value, dict), where
+            required = {k for k, p in known.items() if p.get("flags", 0) & 1}
+            assert required <= set(value), f"{where}: missing required {sorted(required - set(value))}"
+            for key, item in value.items():
+                if key in known:
+                    check(item, node(known[key]["type"]), f"{where}.{key}")
+                else:
+                    assert extra is not None, f"{where}: unknown property {key!r}"
+        elif kind == "ArrayType":
+            assert isinstance(value, list), where
+            for index, item in enumerate(value):
+                check(item, node(type_node["itemType"]), f"{where}[{index}]")
+        elif kind == "UnionType":
+            literals = [node(e) for e in type_node["elements"]]
+            if all(lit["$type"] == "StringLiteralType" for lit in literals):
+                assert value in [lit["value"] for lit in literals], f"{where}: {value!r} is not a known value"
+            elif isinstance(value, str):
+                values = [lit.get("value") for lit in literals if lit["$type"] == "StringLiteralType"]
+                assert value in values or any(lit["$type"] == "StringType" for lit in literals), where
+
+    props = dict(mirror_rule()["properties"])
+    props["query"] = "DefenderMirrorRequests_CL"           # loadTextContent(...) stands for a string
+    props["displayName"] = "name"                          # a parameter
+    check(props, nrt, "properties")

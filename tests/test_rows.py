@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from sync import rows
 from sync.rows import (
+    CHANGE_LOG_TABLES,
     FIELD_MAX_BYTES,
     ROW_MAX_BYTES,
     STREAMS,
@@ -70,9 +71,11 @@ def assert_valid_row(row: dict[str, Any], table: str) -> None:
     wire = json.dumps(row, allow_nan=False)
     assert len(wire) <= ROW_MAX_BYTES
     json.dumps(row, ensure_ascii=False).encode("utf-8")
-    assert UUID.match(row["RecordId"])
+    # Change-log rows carry a deterministic uuid5; a mirror request's RecordId is its RequestId (a random GUID).
+    assert (ANY_UUID if table == "DefenderMirrorRequests_CL" else UUID).match(row["RecordId"])
 
 
+ANY_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
@@ -230,7 +233,7 @@ def test_load_columns_reads_the_files_and_returns_a_copy() -> None:
         load_columns("../../etc/passwd")
 
 
-@pytest.mark.parametrize("table", sorted(STREAMS))
+@pytest.mark.parametrize("table", sorted(CHANGE_LOG_TABLES))
 def test_every_declared_column_is_produced_for_a_realistic_object(table: str) -> None:
     produced = {name for row in realistic_rows()[table] for name in row}
     # TruncatedFields appears only on a cut row: make one cut to cover it.
@@ -663,3 +666,117 @@ def test_generated_incidents_all_build_valid_rows() -> None:
                     assert_valid_row(row, table)
                     flagged += "TruncatedFields" in row
     assert flagged
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mirror requests (defender-portal target)
+
+REQUEST_ID = "0b7e8f4e-3c1a-4d2b-9e6f-1a2b3c4d5e6f"
+# What all_evidence() names, in first-seen order, each once.
+ACCOUNTS = ["alice@contoso.com", "bob@contoso.com"]
+HOSTS = ["host-1.contoso.com"]
+IPS = ["10.0.0.5", "203.0.113.7", "198.51.100.1"]
+
+
+def request_row(incident: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {"tenant_id": TENANT.upper(), "tenant_name": "Contoso", "request_id": REQUEST_ID,
+                            "now": READ_AT, **kwargs}
+    row = rows.mirror_request_row(incident, **args)
+    assert_valid_row(row, "DefenderMirrorRequests_CL")
+    return row
+
+
+def test_mirror_request_table_has_the_product_columns() -> None:
+    columns = load_columns("DefenderMirrorRequests_CL")
+    assert STREAMS["DefenderMirrorRequests_CL"] == "Custom-DefenderMirrorRequests"
+    expected = {"TimeGenerated": "datetime", "RequestId": "string", "RecordId": "string", "DefenderTenantId": "string",
+                "TenantName": "string", "IncidentId": "string", "SourceKey": "string", "IncidentTitle": "string",
+                "Severity": "string", "Description": "string", "IncidentWebUrl": "string", "Accounts": "dynamic",
+                "Hosts": "dynamic", "IPs": "dynamic", "TruncatedFields": "dynamic"}
+    assert columns == expected
+    # The pull's rows never include requests: only the defender-portal target sends them.
+    assert set(realistic_rows()) == set(CHANGE_LOG_TABLES)
+
+
+def test_mirror_request_row_fills_every_column_from_a_realistic_incident() -> None:
+    row = request_row(full_incident())
+    huge = full_incident()
+    huge["displayName"] = "x" * (FIELD_MAX_BYTES + 1)
+    assert set(row) | set(request_row(huge)) == set(load_columns("DefenderMirrorRequests_CL"))
+    assert row["RecordId"] == row["RequestId"] == REQUEST_ID
+    assert row["TimeGenerated"] == "2026-05-01T12:00:00.1234560Z"
+    assert row["DefenderTenantId"] == TENANT.upper() and row["IncidentId"] == "2972395"
+    assert row["SourceKey"] == f"{TENANT}/2972395"                 # tenant lower-cased
+    assert row["IncidentTitle"] == full_incident()["displayName"]
+    assert row["Severity"] == "Medium"
+    assert row["IncidentWebUrl"] == f"https://security.microsoft.com/incidents/2972395?tid={TENANT}"
+    assert row["Description"].startswith("Defender XDR incident 2972395: https://security.microsoft.com/")
+    assert "Raspberry Robin" in row["Description"] and "Suspicious execution of hidden file" in row["Description"]
+    assert row["Accounts"] == ACCOUNTS and row["Hosts"] == HOSTS and row["IPs"] == IPS
+
+
+@pytest.mark.parametrize(("severity", "expected"), [("high", "High"), ("medium", "Medium"), ("low", "Low"),
+                                                    ("informational", "Informational"), ("unknown", "Informational"),
+                                                    (None, "Informational"), ("HIGH", "High")])
+def test_mirror_request_severity_uses_sentinel_spelling(severity: Any, expected: str) -> None:
+    assert request_row({"id": "1", "severity": severity})["Severity"] == expected
+
+
+def test_mirror_request_link_gets_the_tenant_and_keeps_other_parameters() -> None:
+    row = request_row({"id": "5", "incidentWebUrl": "https://security.microsoft.com/incidents/5?x=1"})
+    assert row["IncidentWebUrl"] == f"https://security.microsoft.com/incidents/5?x=1&tid={TENANT}"
+    kept = request_row({"id": "5", "incidentWebUrl": "https://security.microsoft.com/incidents/5?TID=other"})
+    assert kept["IncidentWebUrl"] == "https://security.microsoft.com/incidents/5?TID=other"
+    assert "IncidentWebUrl" not in request_row({"id": "5"})
+    assert request_row({"id": "5"})["IncidentTitle"] == "Defender XDR incident 5"
+
+
+def test_mirror_request_entities_are_extracted_and_deduplicated() -> None:
+    user = {"@odata.type": "#microsoft.graph.security.userEvidence"}
+    incident = {"id": "9", "alerts": [
+        {"id": "a1", "evidence": [
+            {**user, "userAccount": {"accountName": "bob", "domainName": "CONTOSO", "userPrincipalName": "Bob@x.com"}},
+            {**user, "userAccount": {"accountName": "svc", "domainName": "CONTOSO"}},
+            {**user, "userAccount": {"accountName": "local"}},
+            {"@odata.type": "#microsoft.graph.security.deviceEvidence", "deviceDnsName": "pc1.contoso.com",
+             "hostName": "pc1", "lastIpAddress": "10.0.0.5"},
+            {"@odata.type": "#microsoft.graph.security.ipEvidence", "ipAddress": "203.0.113.7"},
+        ]},
+        {"id": "a2", "evidence": [
+            {**user, "userAccount": {"userPrincipalName": "bob@x.com"}},          # same account, other case
+            {"@odata.type": "#microsoft.graph.security.deviceEvidence", "hostName": "PC1.contoso.com"},
+            {"@odata.type": "#microsoft.graph.security.ipEvidence", "ipAddress": "203.0.113.7"},
+            "not an object",
+        ]},
+        "not an alert",
+    ]}
+    row = request_row(incident)
+    assert row["Accounts"] == ["Bob@x.com", "CONTOSO\\svc", "local"]
+    assert row["Hosts"] == ["pc1.contoso.com"]
+    assert row["IPs"] == ["10.0.0.5", "203.0.113.7"]
+    empty = request_row({"id": "9"})
+    assert empty["Accounts"] == empty["Hosts"] == empty["IPs"] == []
+
+
+def test_mirror_request_entities_are_capped_so_the_column_stays_a_list() -> None:
+    ips = [{"@odata.type": "#microsoft.graph.security.ipEvidence", "ipAddress": f"10.0.{i // 256}.{i % 256}"}
+           for i in range(5000)]
+    row = request_row({"id": "3", "alerts": [{"id": "a", "evidence": ips}]})
+    assert isinstance(row["IPs"], list) and len(row["IPs"]) == rows.MAX_REQUEST_ENTITIES
+
+
+def test_mirror_request_values_over_64_kb_are_cut_and_flagged() -> None:
+    row = request_row({"id": "4", "displayName": "t" * (FIELD_MAX_BYTES * 2), "description": "d" * 200_000})
+    assert row["IncidentTitle"].endswith(TRUNCATION_MARKER)
+    assert "IncidentTitle" in row["TruncatedFields"]
+
+
+def test_mirror_request_bad_input_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="'id'"):
+        rows.mirror_request_row({"displayName": "x"}, tenant_id=TENANT, tenant_name="C", request_id=REQUEST_ID,
+                                now=READ_AT)
+    with pytest.raises(ValueError, match="request_id"):
+        rows.mirror_request_row({"id": "1"}, tenant_id=TENANT, tenant_name="C", request_id=" ", now=READ_AT)
+    with pytest.raises(TypeError, match="datetime"):
+        rows.mirror_request_row({"id": "1"}, tenant_id=TENANT, tenant_name="C", request_id=REQUEST_ID,
+                                now="2026-01-01")  # type: ignore[arg-type]

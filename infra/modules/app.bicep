@@ -91,6 +91,21 @@ param webhookMaxBodyBytes int = 4194304
 @description('SYNC_FANOUT: inline or queue.')
 param syncFanout string = 'inline'
 
+@allowed([
+  'defender-portal'
+  'sentinel-api'
+])
+@description('SYNC_MIRROR_TARGET: how mirrors are created (defender-portal: by the mirror analytics rule; sentinel-api: through the incidents API).')
+param mirrorTarget string = 'sentinel-api'
+
+@description('SYNC_MIRROR_RULE_ID: resource name (GUID) of the mirror analytics rule (defender-portal only).')
+param mirrorRuleId string = ''
+
+@minValue(1)
+@maxValue(30)
+@description('SYNC_MIRROR_REQUESTS_PER_MINUTE: mirror requests in any rolling 60 seconds (defender-portal only).')
+param mirrorRequestsPerMinute int = 25
+
 @description('Flex Consumption instance memory in MB.')
 param instanceMemoryMB int = 2048
 
@@ -417,6 +432,10 @@ var baseSettings = [
     name: 'SYNC_QUEUE'
     value: queueName
   }
+  {
+    name: 'SYNC_MIRROR_TARGET'
+    value: mirrorTarget
+  }
   // Timer schedules: %DEFENDER_PULL_SCHEDULE% and %SENTINEL_RECONCILE_SCHEDULE% must resolve or the host drops the function.
   {
     name: 'DEFENDER_PULL_SCHEDULE'
@@ -452,6 +471,18 @@ var certificateSettings = (defenderCredentialType == 'certificate') ? [
   }
 ] : []
 
+// The mirror rule and the request pace only mean something when the rule creates the mirrors.
+var mirrorRuleSettings = (mirrorTarget == 'defender-portal') ? [
+  {
+    name: 'SYNC_MIRROR_RULE_ID'
+    value: mirrorRuleId
+  }
+  {
+    name: 'SYNC_MIRROR_REQUESTS_PER_MINUTE'
+    value: string(mirrorRequestsPerMinute)
+  }
+] : []
+
 resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
   // checkov:skip=CKV_AZURE_17: Client certificates are not used: the webhook is called by the Consumption Logic App with a function key, the other endpoints with the admin key.
   // checkov:skip=CKV_AZURE_222: Public network access is required: Sentinel automation runs a Consumption Logic App that calls the webhook over the internet; every HTTP function needs a key.
@@ -480,7 +511,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       scmMinTlsVersion: '1.2'
       ftpsState: 'Disabled'
       http20Enabled: true
-      appSettings: concat(baseSettings, clientIdSettings, secretSettings, certificateSettings)
+      appSettings: concat(baseSettings, clientIdSettings, secretSettings, certificateSettings, mirrorRuleSettings)
     }
     functionAppConfig: {
       deployment: {

@@ -15,11 +15,37 @@ param playbookPrincipalId string
 @description('Order of the automation rule.')
 param automationRuleOrder int = 100
 
+@description('Resource name (GUID) of the mirror analytics rule with SYNC_MIRROR_TARGET=defender-portal: the automation rule then matches incidents of that rule. Empty (sentinel-api): it matches the app label.')
+param mirrorRuleId string = ''
+
 // The label the app puts on every incident it mirrors (sync/mapping.py SOURCE_LABEL).
 var sourceLabel = 'defender-sync'
 
 resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' existing = {
   name: workspaceName
+}
+
+// Which incidents are the app's mirrors: those carrying its label (sentinel-api: the app creates them), or those of the
+// mirror analytics rule (defender-portal: the rule creates them, without the label).
+var labelCondition = {
+  conditionType: 'Property'
+  conditionProperties: {
+    propertyName: 'IncidentLabel'
+    operator: 'Contains'
+    propertyValues: [
+      sourceLabel
+    ]
+  }
+}
+var mirrorRuleCondition = {
+  conditionType: 'Property'
+  conditionProperties: {
+    propertyName: 'IncidentRelatedAnalyticRuleIds'
+    operator: 'Contains'
+    propertyValues: [
+      '${workspace.id}/providers/Microsoft.SecurityInsights/alertRules/${mirrorRuleId}'
+    ]
+  }
 }
 
 // Microsoft Sentinel Reader (8d289c81-5878-46d4-8554-54e1e3d8b5cb) on the workspace: the least role for the
@@ -35,9 +61,9 @@ resource playbookSentinelReader 'Microsoft.Authorization/roleAssignments@2022-04
   }
 }
 
-// When an incident is updated, if it carries the app's source label (provider-name conditions do not work for
-// incidents created through the API) and the update was not made by an application (the app's own writes come
-// back as "Application"; skipping them prevents echo), run the playbook.
+// When an incident is updated, if it is a mirror (the app's source label, or the mirror rule's incident: provider-name
+// conditions match neither) and the update was not made by an application (the app's own writes come back as
+// "Application"; skipping them prevents echo), run the playbook.
 resource forwardUpdates 'Microsoft.SecurityInsights/automationRules@2024-09-01' = {
   name: guid(workspace.id, 'defender-sync-forward-incident-updates')
   scope: workspace
@@ -49,16 +75,7 @@ resource forwardUpdates 'Microsoft.SecurityInsights/automationRules@2024-09-01' 
       triggersOn: 'Incidents'
       triggersWhen: 'Updated'
       conditions: [
-        {
-          conditionType: 'Property'
-          conditionProperties: {
-            propertyName: 'IncidentLabel'
-            operator: 'Contains'
-            propertyValues: [
-              sourceLabel
-            ]
-          }
-        }
+        empty(mirrorRuleId) ? labelCondition : mirrorRuleCondition
         {
           conditionType: 'Property'
           conditionProperties: {

@@ -18,6 +18,9 @@ param dataCollectionRuleName string
 @description('Principal (object) ID of the Function app user-assigned identity.')
 param appPrincipalId string
 
+@description('Also create DefenderMirrorRequests_CL and its DCR stream (SYNC_MIRROR_TARGET=defender-portal).')
+param deployMirrorRequests bool = false
+
 @minValue(0)
 @maxValue(730)
 @description('Interactive retention in days of the custom tables. 0: the workspace default.')
@@ -74,6 +77,21 @@ resource evidenceTable 'Microsoft.OperationalInsights/workspaces/tables@2022-10-
   }
 }
 
+// With defender-portal: one row per mirror request, read by the mirror analytics rule (modules/mirror-rule.bicep).
+resource mirrorRequestsTable 'Microsoft.OperationalInsights/workspaces/tables@2022-10-01' = if (deployMirrorRequests) {
+  parent: workspace
+  name: 'DefenderMirrorRequests_CL'
+  properties: {
+    plan: 'Analytics'
+    retentionInDays: retention
+    schema: {
+      name: 'DefenderMirrorRequests_CL'
+      description: 'Mirror requests of the Defender sync app: one row per Defender incident to mirror; the mirror analytics rule turns each into one incident.'
+      columns: loadJsonContent('../tables/DefenderMirrorRequests_CL.json').columns
+    }
+  }
+}
+
 // ----- Direct DCR: its own logs ingestion endpoint, no DCE needed (no Private Link).
 
 resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2023-03-11' = {
@@ -83,7 +101,7 @@ resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2023-03-11' 
   kind: 'Direct'
   properties: {
     description: 'Defender XDR incidents, alerts and evidence sent by the Defender sync Function app through the Logs Ingestion API.'
-    streamDeclarations: {
+    streamDeclarations: union({
       'Custom-DefenderIncidents': {
         columns: loadJsonContent('../tables/DefenderIncidents_CL.json').columns
       }
@@ -93,7 +111,11 @@ resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2023-03-11' 
       'Custom-DefenderEvidence': {
         columns: loadJsonContent('../tables/DefenderEvidence_CL.json').columns
       }
-    }
+    }, deployMirrorRequests ? {
+      'Custom-DefenderMirrorRequests': {
+        columns: loadJsonContent('../tables/DefenderMirrorRequests_CL.json').columns
+      }
+    } : {})
     destinations: {
       logAnalytics: [
         {
@@ -102,7 +124,7 @@ resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2023-03-11' 
         }
       ]
     }
-    dataFlows: [
+    dataFlows: concat([
       {
         streams: [
           'Custom-DefenderIncidents'
@@ -133,12 +155,24 @@ resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2023-03-11' 
         transformKql: 'source'
         outputStream: 'Custom-DefenderEvidence_CL'
       }
-    ]
+    ], deployMirrorRequests ? [
+      {
+        streams: [
+          'Custom-DefenderMirrorRequests'
+        ]
+        destinations: [
+          destinationName
+        ]
+        transformKql: 'source'
+        outputStream: 'Custom-DefenderMirrorRequests_CL'
+      }
+    ] : [])
   }
   dependsOn: [
     incidentsTable
     alertsTable
     evidenceTable
+    mirrorRequestsTable
   ]
 }
 
