@@ -63,15 +63,6 @@ class MirrorRequest:
     sentinel_name: str | None = None
     etag: str | None = field(default=None, compare=False)
 
-    @property
-    def source_key(self) -> str:
-        return source_key(self.tenant_id, self.incident_id)
-
-
-def source_key(tenant_id: str, incident_id: str) -> str:
-    """``<tenant id lower-case>/<incident id>``: the request's and the rule's custom detail ``SourceKey``."""
-    return f"{tenant_id.lower()}/{incident_id}"
-
 
 def request_order(request: MirrorRequest) -> tuple[int, int, float]:
     """PRODUCT's order: open before resolved, then severity (high, medium, low, informational/unknown), then
