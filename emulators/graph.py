@@ -83,7 +83,8 @@ VALID_DETERMINATIONS: dict[str, frozenset[str]] = {
 SERVICE_SOURCES = ("unknown", "microsoftDefenderForEndpoint", "microsoftDefenderForIdentity",
                    "microsoftDefenderForCloudApps", "microsoftDefenderForOffice365", "microsoft365Defender",
                    "azureAdIdentityProtection", "microsoftAppGovernance", "dataLossPrevention", "unknownFutureValue",
-                   "microsoftDefenderForCloud", "microsoftSentinel", "microsoftInsiderRiskManagement")
+                   "microsoftDefenderForCloud", "microsoftSentinel", "microsoftInsiderRiskManagement",
+                   "microsoftThreatIntelligence", "microsoftSecurityForAI")
 DETECTION_SOURCES = ("unknown", "microsoftDefenderForEndpoint", "antivirus", "smartScreen", "customTi",
                      "microsoftDefenderForOffice365", "automatedInvestigation", "microsoftThreatExperts",
                      "customDetection", "microsoftDefenderForIdentity", "cloudAppSecurity", "microsoft365Defender",
@@ -94,7 +95,8 @@ DETECTION_SOURCES = ("unknown", "microsoftDefenderForEndpoint", "antivirus", "sm
                      "microsoftDefenderForNetwork", "microsoftDefenderForAppService", "microsoftDefenderForKeyVault",
                      "microsoftDefenderForResourceManager", "microsoftDefenderForApiManagement", "nrtAlerts",
                      "scheduledAlerts", "microsoftDefenderThreatIntelligenceAnalytics", "builtInMl",
-                     "microsoftInsiderRiskManagement", "microsoftSentinel")
+                     "microsoftInsiderRiskManagement", "microsoftThreatIntelligence",
+                     "microsoftDefenderForAIServices", "securityCopilot", "microsoftSentinel")
 
 
 def _evolvable(values: tuple[str, ...]) -> frozenset[str]:
