@@ -7,10 +7,13 @@ The centre is :class:`SyncedFields`, a side-neutral snapshot of the synced field
 
 * ``status``: ``active`` | ``inProgress`` | ``resolved`` (Defender ``awaitingAction`` reads as ``inProgress``;
   ``redirected`` reads as ``resolved``/``unknown``, see :func:`from_defender`).
-* ``owner``: the Defender-side identity (UPN), lower-cased. Sentinel owners go through :class:`OwnerMap`.
+* ``owner``: the Defender-side identity (UPN), lower-cased. Sentinel owners go through :class:`OwnerMap`. A Defender
+  ``assignedTo`` that is free text (Graph takes any text: "Automation", an app's name) is no identity: it reads as
+  no owner, is never written as a Sentinel owner, and shows as the app's label ``owner:<text>``.
 * ``classification`` / ``determination``: only while resolved (``None`` while open): an open Sentinel incident has no
   classification, so an open incident's classification is not a synced value. Defender keeps whatever it has.
-* ``tags``: the user's tags (Defender ``customTags`` / Sentinel labels of type ``User``) less the app's own labels.
+* ``tags``: the user's tags (Defender ``customTags`` / Sentinel labels of type ``User``) less the app's own labels
+  (matched exactly: a customer's tag ``Redirected`` is a tag, the app's label is ``redirected``).
 
 Comment text (and any Defender text mirrored into a description) is data: HTML, markdown or script in it is kept
 verbatim as text, never parsed, evaluated, rendered or escaped here (escaping would corrupt the text on the way back).
@@ -113,6 +116,15 @@ SOURCE_LABEL = "defender-sync"
 REDIRECTED_LABEL = "redirected"
 TENANT_LABEL_PREFIX = "tenant:"
 DETERMINATION_LABEL_PREFIX = "determination:"
+OWNER_LABEL_PREFIX = "owner:"
+#: Marks the later of two Sentinel incidents made for one Defender incident (defender-portal mode).
+DUPLICATE_LABEL = "duplicate"
+_APP_LABELS = frozenset({SOURCE_LABEL, REDIRECTED_LABEL, DUPLICATE_LABEL})
+_APP_LABEL_PREFIXES = (TENANT_LABEL_PREFIX, DETERMINATION_LABEL_PREFIX, OWNER_LABEL_PREFIX)
+#: Sentinel label names are short texts; a long free-text owner is cut to this in its ``owner:`` label.
+OWNER_LABEL_LIMIT = 256
+# A UPN or an e-mail address: one "@", no spaces, a dotted domain. Anything else in assignedTo is free text.
+_IDENTITY = re.compile(r"^[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+$")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Size limits (UTF-16 code units)
@@ -178,6 +190,26 @@ def canonical_owner(value: object) -> str | None:
         return None
     text = value.strip().lower()
     return text or None
+
+
+def is_identity(value: object) -> bool:
+    """Whether an owner value looks like a UPN or an e-mail address (``name@domain.tld``), the only owners that
+    mean the same person on both sides."""
+    return isinstance(value, str) and _IDENTITY.match(value.strip()) is not None
+
+
+def defender_owner(assigned_to: object) -> str | None:
+    """The canonical owner of a Defender ``assignedTo``: its identity, or ``None`` for free text (see
+    :func:`owner_text`)."""
+    return canonical_owner(assigned_to) if is_identity(assigned_to) else None
+
+
+def owner_text(assigned_to: object) -> str | None:
+    """A free-text ``assignedTo`` ("Automation", "Cortex XSOAR MS Graph Dev"), one line; ``None`` for an identity or
+    no owner."""
+    if not isinstance(assigned_to, str) or not assigned_to.strip() or is_identity(assigned_to):
+        return None
+    return " ".join(assigned_to.split())
 
 
 class OwnerMap:
@@ -282,10 +314,15 @@ def is_redirected(incident: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def is_app_label(name: str) -> bool:
-    """Whether a label/tag name is one of the app's own (case-insensitive): never a user tag on either side."""
-    lowered = name.strip().lower()
-    return (lowered in (SOURCE_LABEL, REDIRECTED_LABEL)
-            or lowered.startswith(TENANT_LABEL_PREFIX) or lowered.startswith(DETERMINATION_LABEL_PREFIX))
+    """Whether a label/tag name is one of the app's own, matched exactly (``redirected``, ``duplicate``, the source
+    label, ``tenant:…``, ``determination:…``, ``owner:…``): never a user tag on either side. A customer's own tag
+    spelled otherwise (``Redirected``, ``Owner:x``) is a tag like any other and syncs."""
+    return name in _APP_LABELS or name.startswith(_APP_LABEL_PREFIXES)
+
+
+def owner_label(text: str) -> str:
+    """The ``owner:<text>`` label showing a free-text Defender owner in Sentinel."""
+    return cut_text(f"{OWNER_LABEL_PREFIX}{text}", OWNER_LABEL_LIMIT, "…")
 
 
 def tenant_label(tenant_name: str) -> str:
@@ -367,7 +404,7 @@ def from_defender(incident: Mapping[str, Any]) -> SyncedFields:
         determination = normalize_determination(incident.get("determination"))
     return SyncedFields(
         status=status,
-        owner=canonical_owner(incident.get("assignedTo")),
+        owner=defender_owner(incident.get("assignedTo")),
         classification=classification,
         determination=determination,
         tags=_user_tags_from_custom_tags(incident.get("customTags")),
@@ -443,8 +480,9 @@ def from_sentinel(properties: Mapping[str, Any], *, owner_map: OwnerMap, base: S
 
     1. a ``determination:<value>`` label valid for the classification (deprecated values tolerated, and the value of
        an unchanged closure always accepted since the app wrote it); an invalid label is ignored and reported, except
-       a stale label the app wrote for the previous classification (``base``), which is ignored silently; with several
-       valid labels the last one wins (an analyst's label comes after the app's: see :func:`sentinel_labels_stale`);
+       a stale label the app wrote for the previous classification (``base``), which is ignored silently; several
+       valid labels are reported, and the one that differs from ``base`` (the analyst's: the app's label shows the
+       base) is used, else the first sorted (label order is not relied on; see :func:`sentinel_labels_stale`);
     2. an unchanged closure: ``base`` resolved with the same classification keeps its determination;
     3. Defender's own determination (``defender``, the raw Graph incident): kept as-is when Defender is resolved with
        the same classification (the same closure), else kept when valid for the new classification (Defender keeps
@@ -496,8 +534,8 @@ def _determination_labels(labels: object) -> list[tuple[str, str]]:
     if isinstance(labels, list):
         for label in labels:
             name = _label_name(label)
-            if name is not None and name.strip().lower().startswith(DETERMINATION_LABEL_PREFIX):
-                found.append((name, normalize_determination(name.strip()[len(DETERMINATION_LABEL_PREFIX):])))
+            if name is not None and name.startswith(DETERMINATION_LABEL_PREFIX):
+                found.append((name, normalize_determination(name[len(DETERMINATION_LABEL_PREFIX):])))
     return found
 
 
@@ -514,17 +552,23 @@ def _sentinel_determination(cls: str, labels: object, base: SyncedFields | None,
     if defender_now is not None and defender_now.status == RESOLVED and defender_now.classification == cls:
         defender_same = defender_now.determination
 
-    chosen: str | None = None
+    valid: set[str] = set()
     for name, value in _determination_labels(labels):
         if (is_valid_determination(cls, value, tolerate_deprecated=True)
                 or value in (same_closure, defender_same)):
-            # The last valid label wins: an analyst's label is appended after the one the app wrote. This depends on
-            # the labels alone (not on the base), so re-reading after the merge moved the base cannot flip it.
-            chosen = value
+            valid.add(value)
         elif value != base_det:  # a label the app wrote for an earlier classification is stale, not an error
             problems.append(f"ignored label {name!r}: not a valid determination for classification {cls!r} "
                             f"(valid: {', '.join(sorted(VALID_DETERMINATIONS[cls]))})")
-    if chosen is not None:
+    if len(valid) == 1:
+        return valid.pop()
+    if valid:
+        # Sentinel's label order is not a promise, and which label came last is unknowable: the analyst's label is
+        # the one that differs from the last synced value (the app's label shows that value); else sorted first.
+        changed = sorted(valid - {base_det}) if base_det is not None else sorted(valid)
+        chosen = (changed or sorted(valid))[0]
+        problems.append(f"several determination labels ({', '.join(sorted(valid))}): used {chosen!r}; remove the "
+                        "others to choose another")
         return chosen
     if same_closure is not None:
         return same_closure
@@ -601,7 +645,8 @@ def to_sentinel_properties(incident: Mapping[str, Any], fields: SyncedFields, cu
     elif owner_identity is not None:
         props["owner"] = {"userPrincipalName": owner_identity, "email": owner_identity, "ownerType": "User"}
 
-    props["labels"] = _labels(fields, current.get("labels"), tenant_name, redirected)
+    props["labels"] = _labels(fields, current.get("labels"), tenant_name, redirected,
+                              owner_text(incident.get("assignedTo")))
 
     # Activity window: widened by the alerts' times, never narrowed (min/max keep it stable across rewrites).
     first, last = _activity_window(alert_list)
@@ -641,11 +686,15 @@ def _closing_comment(incident: Mapping[str, Any], fields: SyncedFields) -> str:
     return f"Closed as {fields.classification} / {fields.determination}{_CLOSING_COMMENT_SUFFIX}"
 
 
-def app_labels(fields: SyncedFields, *, tenant_name: str, redirected: bool) -> list[str]:
-    """The app's own labels for an incident: source, tenant, ``redirected``, ``determination:<value>`` (closed)."""
+def app_labels(fields: SyncedFields, *, tenant_name: str, redirected: bool,
+               free_text_owner: str | None = None) -> list[str]:
+    """The app's own labels for an incident: source, tenant, ``redirected``, ``owner:<text>`` (Defender's free-text
+    ``assignedTo`` while no identity owns the incident), ``determination:<value>`` (closed)."""
     app = [SOURCE_LABEL, tenant_label(tenant_name)]
     if redirected:
         app.append(REDIRECTED_LABEL)
+    if free_text_owner and fields.owner is None:
+        app.append(owner_label(free_text_owner))
     if fields.status == RESOLVED and fields.determination not in (None, UNKNOWN):
         assert fields.determination is not None
         app.append(determination_label(fields.determination))
@@ -653,7 +702,7 @@ def app_labels(fields: SyncedFields, *, tenant_name: str, redirected: bool) -> l
 
 
 def sentinel_labels_stale(properties: Mapping[str, Any], fields: SyncedFields, *, tenant_name: str,
-                          redirected: bool) -> bool:
+                          redirected: bool, free_text_owner: str | None = None) -> bool:
     """Whether the app's own labels on a Sentinel incident differ from what the app would write for ``fields``.
 
     The merge compares synced *values*: after an analyst adds a second ``determination:`` label, or reclassifies
@@ -664,21 +713,27 @@ def sentinel_labels_stale(properties: Mapping[str, Any], fields: SyncedFields, *
     labels = properties.get("labels")
     names = [_label_name(label) for label in labels] if isinstance(labels, list) else []
     present = sorted(name for name in names if name is not None and is_app_label(name))
-    return present != sorted(app_labels(fields, tenant_name=tenant_name, redirected=redirected))
+    return present != sorted(app_labels(fields, tenant_name=tenant_name, redirected=redirected,
+                                        free_text_owner=free_text_owner))
 
 
-def _labels(fields: SyncedFields, current_labels: object, tenant_name: str, redirected: bool) -> list[dict[str, str]]:
+def _labels(fields: SyncedFields, current_labels: object, tenant_name: str, redirected: bool,
+            free_text_owner: str | None) -> list[dict[str, str]]:
     # AutoAssigned labels belong to automation rules: carried over as they are, in their order. Sentinel keeps one
     # label per name, so a user tag or app label of the same name is not written twice.
+    # The app's own labels are regenerated whatever their type: an automation rule's stale ``determination:`` label
+    # carried over would be read as a change on the next sync.
     auto: list[dict[str, str]] = []
     if isinstance(current_labels, list):
         for label in current_labels:
             name = _label_name(label)
-            if name is not None and isinstance(label, Mapping) and not _is_user_label(label):
+            if (name is not None and isinstance(label, Mapping) and not _is_user_label(label)
+                    and not is_app_label(name)):
                 auto.append({"labelName": name, "labelType": str(label.get("labelType"))})
     taken = {label["labelName"] for label in auto}
     user = [name for name in sorted(fields.tags) if name not in taken]
-    app = [name for name in app_labels(fields, tenant_name=tenant_name, redirected=redirected) if name not in taken]
+    app = [name for name in app_labels(fields, tenant_name=tenant_name, redirected=redirected,
+                                       free_text_owner=free_text_owner) if name not in taken]
     labels = [{"labelName": name, "labelType": "User"} for name in user] + auto
     labels.extend({"labelName": name, "labelType": "User"} for name in app)
     return labels
