@@ -85,6 +85,13 @@ LEGACY_DETERMINATIONS: dict[str, str] = {
     "unknownfuturevalue": UNKNOWN,
 }
 _DETERMINATION_BY_LOWER = {d.lower(): d for d in _DETERMINATION_ENUM} | LEGACY_DETERMINATIONS
+#: The two spellings Microsoft's pages give for one determination (Graph metadata name first). The app writes the
+#: metadata name; when Graph refuses it (400) the other is tried once (see :func:`determination_respelled`).
+DETERMINATION_SPELLINGS: tuple[tuple[str, str], ...] = (
+    ("compromisedAccount", "compromisedUser"), ("notMalicious", "clean"),
+    ("notEnoughDataToValidate", "insufficientData"), ("confirmedActivity", "confirmedUserActivity"),
+)
+_OTHER_SPELLING = {a: b for a, b in DETERMINATION_SPELLINGS} | {b: a for a, b in DETERMINATION_SPELLINGS}
 _CLASSIFICATION_BY_LOWER = {c.lower(): c for c in CLASSIFICATIONS} | {"unknownfuturevalue": UNKNOWN}
 
 _STATUS_TO_SENTINEL = {ACTIVE: "New", IN_PROGRESS: "Active", RESOLVED: "Closed"}
@@ -143,6 +150,7 @@ MAX_LISTED_ALERTS = 50
 TRUNCATION_MARKER = "…[truncated]"
 # Ends the closing comment the app generates, so it is regenerated (not kept as an analyst's note) when values change.
 _CLOSING_COMMENT_SUFFIX = f" (synced by {SOURCE_LABEL})."
+_REDIRECT_PREFIX = "Defender XDR merged incident "
 
 # Read-only Sentinel incident properties (and playbook-trigger extras): never sent back in a PUT.
 _SENTINEL_READ_ONLY = frozenset({
@@ -411,7 +419,8 @@ def from_defender(incident: Mapping[str, Any]) -> SyncedFields:
     )
 
 
-def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any]) -> dict[str, Any]:
+def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any], *,
+                      closing_comment: str | None = None) -> dict[str, Any]:
     """Graph PATCH body that makes ``current_defender`` show ``fields``; ``{}`` when nothing differs.
 
     Status is written as ``active``/``inProgress``/``resolved`` only (never ``redirected``/``awaitingAction``; an
@@ -419,6 +428,9 @@ def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any])
     are written together and only for a resolved incident; reopening leaves Defender's classification alone.
     ``assignedTo`` is the owner (``None`` unassigns). ``customTags`` is the full list (PATCH replaces the collection):
     the current order is kept, new tags appended sorted, and any app-label-shaped tag Defender has is kept.
+    ``closing_comment`` (Sentinel's analyst-written ``classificationComment``, see :func:`sentinel_closing_comment`)
+    becomes ``resolvingComment`` when this patch writes the closure, or when Defender is resolved with no comment of
+    its own; it never replaces a comment Defender has for the same closure.
     A redirected (merged) incident is terminal: the patch is always empty.
     """
     if is_redirected(current_defender):
@@ -434,6 +446,10 @@ def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any])
         if "status" in patch or reclassified:
             patch["classification"] = fields.classification
             patch["determination"] = fields.determination
+        current_comment = current_defender.get("resolvingComment")
+        if closing_comment and closing_comment != current_comment and (
+                "classification" in patch or not (isinstance(current_comment, str) and current_comment.strip())):
+            patch["resolvingComment"] = cut_text(closing_comment, CLASSIFICATION_COMMENT_LIMIT)
     if fields.owner != current.owner:
         patch["assignedTo"] = fields.owner
     if fields.tags != current.tags:
@@ -442,6 +458,13 @@ def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any])
         kept = [t for t in existing if t in fields.tags or (t.strip() and is_app_label(t))]
         patch["customTags"] = _dedupe(kept + sorted(fields.tags - set(kept)))
     return patch
+
+
+def determination_respelled(patch: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The PATCH to retry with when Graph refuses a determination spelling (400): the same with the other spelling
+    (``compromisedAccount`` <-> ``compromisedUser``, ...); ``None`` when the patch has no such determination."""
+    other = _OTHER_SPELLING.get(str(patch.get("determination")))
+    return {**patch, "determination": other} if other is not None else None
 
 
 def in_progress_fallback(patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -456,6 +479,18 @@ def _dedupe(items: Iterable[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Sentinel -> canonical
 # ---------------------------------------------------------------------------------------------------------------------
+
+def sentinel_closing_comment(properties: Mapping[str, Any]) -> str | None:
+    """The closing comment an analyst wrote on a closed Sentinel incident (``classificationComment``); ``None`` when
+    open, empty, or the app's own text (the generated "Closed as …" line or a redirect note)."""
+    comment = properties.get("classificationComment")
+    status = properties.get("status")
+    if (not isinstance(status, str) or status.strip().lower() != "closed" or not isinstance(comment, str)
+            or not comment.strip() or comment.endswith(_CLOSING_COMMENT_SUFFIX)
+            or comment.startswith(_REDIRECT_PREFIX)):
+        return None
+    return comment
+
 
 def sentinel_owner_identity(owner: object) -> str | None:
     """The identity in a Sentinel owner object (``userPrincipalName``, else ``email``), lower-cased.
@@ -836,8 +871,8 @@ def redirect_comment(incident: Mapping[str, Any], *, surviving_sentinel_url: str
         return None
     target = incident.get("redirectIncidentId")
     if target in (None, ""):
-        return f"Defender XDR merged incident {incident.get('id', '')} into another incident; closed as Undetermined."
-    text = (f"Defender XDR merged incident {incident.get('id', '')} into incident {target}: "
+        return f"{_REDIRECT_PREFIX}{incident.get('id', '')} into another incident; closed as Undetermined."
+    text = (f"{_REDIRECT_PREFIX}{incident.get('id', '')} into incident {target}: "
             f"{surviving_incident_url(incident)}")
     if surviving_sentinel_url:
         text += f" (Sentinel: {surviving_sentinel_url})"
