@@ -22,11 +22,16 @@ server's base URL (``GRAPH_ENDPOINT``) and carry a ``SecurityIncident.*`` role (
       an incident updated between two page requests moves to the front and shifts every later offset, so a client
       paging newest-first can skip an incident.
 ``GET /v1.0/security/incidents/{id}`` (``$expand=alerts``): 404 ``NotFound`` when unknown in the caller's tenant.
-``PATCH /v1.0/security/incidents/{id}``: only ``assignedTo``, ``classification``, ``determination``, ``status``
+``PATCH /v1.0/security/incidents/{id}``: only ``assignedTo``, ``resolvingComment``, ``classification``,
+    ``determination``, ``status``
     (``active``/``inProgress``/``resolved``; ``redirected``/``awaitingAction``/``unknownFutureValue`` -> 400) and
     ``customTags`` (replaces the collection). camelCase enum values only (``TruePositive`` -> 400). With
     :attr:`GraphState.strict_determination` (default on) the resulting classification/determination pair must be
-    valid (see :data:`VALID_DETERMINATIONS`; ``unknown`` determination is valid with any classification). Bumps
+    valid (see :data:`VALID_DETERMINATIONS`; ``unknown`` determination is valid with any classification).
+    Determinations are spelled as Graph v1.0's metadata (``compromisedAccount``, ``notMalicious``,
+    ``notEnoughDataToValidate``, ``confirmedActivity``); the other spelling Microsoft's pages show
+    (``compromisedUser``, ``clean``, ``insufficientData``, ``confirmedUserActivity``) -> 400, like Graph. With
+    :attr:`GraphState.legacy_determinations` on, exactly the reverse (a service that takes only the other set). Bumps
     ``lastUpdateDateTime`` (also for a PATCH that changes nothing, unless :attr:`GraphState.bump_on_noop_patch` is
     off) and sets ``lastModifiedBy`` to the caller app's display name (defaults to its client ID). Resolving an
     incident also resolves its alerts (:attr:`GraphState.cascade_resolve`), which bumps their
@@ -83,10 +88,15 @@ VALID_DETERMINATIONS: dict[str, frozenset[str]] = {
     "falsePositive": frozenset({"notMalicious", "notEnoughDataToValidate", "other", "unknown"}),
     "unknown": frozenset({"unknown"}),
 }
+#: Graph metadata spelling -> the other spelling on some Microsoft pages (refused by Graph v1.0's PATCH).
+_LEGACY_SPELLING = {"compromisedAccount": "compromisedUser", "notMalicious": "clean",
+                    "notEnoughDataToValidate": "insufficientData", "confirmedActivity": "confirmedUserActivity"}
+_METADATA_SPELLING = {v: k for k, v in _LEGACY_SPELLING.items()}
 SERVICE_SOURCES = ("unknown", "microsoftDefenderForEndpoint", "microsoftDefenderForIdentity",
                    "microsoftDefenderForCloudApps", "microsoftDefenderForOffice365", "microsoft365Defender",
                    "azureAdIdentityProtection", "microsoftAppGovernance", "dataLossPrevention", "unknownFutureValue",
-                   "microsoftDefenderForCloud", "microsoftSentinel", "microsoftInsiderRiskManagement")
+                   "microsoftDefenderForCloud", "microsoftSentinel", "microsoftInsiderRiskManagement",
+                   "microsoftThreatIntelligence", "microsoftSecurityForAI")
 DETECTION_SOURCES = ("unknown", "microsoftDefenderForEndpoint", "antivirus", "smartScreen", "customTi",
                      "microsoftDefenderForOffice365", "automatedInvestigation", "microsoftThreatExperts",
                      "customDetection", "microsoftDefenderForIdentity", "cloudAppSecurity", "microsoft365Defender",
@@ -97,7 +107,8 @@ DETECTION_SOURCES = ("unknown", "microsoftDefenderForEndpoint", "antivirus", "sm
                      "microsoftDefenderForNetwork", "microsoftDefenderForAppService", "microsoftDefenderForKeyVault",
                      "microsoftDefenderForResourceManager", "microsoftDefenderForApiManagement", "nrtAlerts",
                      "scheduledAlerts", "microsoftDefenderThreatIntelligenceAnalytics", "builtInMl",
-                     "microsoftInsiderRiskManagement", "microsoftSentinel")
+                     "microsoftInsiderRiskManagement", "microsoftThreatIntelligence",
+                     "microsoftDefenderForAIServices", "securityCopilot", "microsoftSentinel")
 
 
 def _evolvable(values: tuple[str, ...]) -> frozenset[str]:
@@ -108,10 +119,10 @@ EVOLVABLE_INCIDENT_STATUS = _evolvable(INCIDENT_STATUSES)
 EVOLVABLE_SERVICE_SOURCE = _evolvable(SERVICE_SOURCES)
 EVOLVABLE_DETECTION_SOURCE = _evolvable(DETECTION_SOURCES)
 
-UPDATABLE = ("assignedTo", "classification", "determination", "status", "customTags")
+UPDATABLE = ("assignedTo", "classification", "determination", "status", "customTags", "resolvingComment")
 READ_ONLY = ("id", "tenantId", "displayName", "description", "summary", "createdDateTime", "lastUpdateDateTime",
-             "severity", "systemTags", "comments", "incidentWebUrl", "redirectIncidentId", "resolvingComment",
-             "lastModifiedBy", "priorityScore", "alerts")
+             "severity", "systemTags", "comments", "incidentWebUrl", "redirectIncidentId", "lastModifiedBy",
+             "priorityScore", "alerts")
 INCIDENT_PAGE_DEFAULT = 50
 INCIDENT_MAX_TOP_EXPANDED = 50
 INCIDENT_MAX_TOP = 1000
@@ -330,6 +341,7 @@ class GraphState:
         self.clock = clock or ServerClock()
         self.compress = compress
         self.strict_determination = True
+        self.legacy_determinations = False
         self.bump_on_noop_patch = True
         self.cascade_resolve = True
         self.unstable_ties = False   # order each tie group differently on every list request (fault switch)
@@ -553,6 +565,7 @@ class GraphState:
             self.writes.clear()
             self._hooks.clear()
             self.strict_determination = True
+            self.legacy_determinations = False
             self.bump_on_noop_patch = True
             self.cascade_resolve = True
             self.unstable_ties = self.unordered_pages = False
@@ -952,7 +965,7 @@ class GraphService:
                 raise _GraphError(400, "BadRequest", f"The property '{key}' does not exist on type "
                                   "'microsoft.graph.security.incident'. Make sure to only use property names that "
                                   "are defined by the type.")
-            changes[key] = _validate_field(key, value)
+            changes[key] = _validate_field(key, value, legacy=self.state.legacy_determinations)
         caller = _caller(claims)
         with self.state.lock:
             doc = self.state._get(tenant, incident_id)
@@ -961,6 +974,7 @@ class GraphService:
             if self.state.strict_determination and ("classification" in changes or "determination" in changes):
                 cls = changes.get("classification", doc.get("classification")) or "unknown"
                 det = changes.get("determination", doc.get("determination")) or "unknown"
+                det = _METADATA_SPELLING.get(det, det)
                 allowed = VALID_DETERMINATIONS.get(cls, frozenset())
                 if det not in allowed:
                     raise _GraphError(400, "BadRequest", f"Determination '{det}' is not valid for classification "
@@ -1087,17 +1101,18 @@ def _json_object(request: EmuRequest) -> dict[str, Any]:
     return body
 
 
-def _validate_field(key: str, value: Any) -> Any:
-    if key == "assignedTo":
+def _validate_field(key: str, value: Any, *, legacy: bool = False) -> Any:
+    if key in ("assignedTo", "resolvingComment"):
         if value is not None and not isinstance(value, str):
-            raise _GraphError(400, "BadRequest", "'assignedTo' must be a string or null.")
+            raise _GraphError(400, "BadRequest", f"'{key}' must be a string or null.")
         return value
     if key == "customTags":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _GraphError(400, "BadRequest", "'customTags' must be an array of strings.")
         return list(value)
+    determinations = tuple(_LEGACY_SPELLING.get(d, d) for d in DETERMINATIONS[:-1]) if legacy else DETERMINATIONS[:-1]
     allowed = {"status": PATCH_STATUSES, "classification": CLASSIFICATIONS[:-1],
-               "determination": DETERMINATIONS[:-1]}[key]
+               "determination": determinations}[key]
     if not isinstance(value, str) or value not in allowed:
         raise _GraphError(400, "BadRequest", f"Invalid value '{value}' for property '{key}'. Allowed values: "
                           f"{', '.join(allowed)}.")

@@ -509,6 +509,7 @@ class EmulatorHub:
             return {"now": w.clock.now()}
         if parts == ["graph", "settings"] and method == "POST":
             for key, attr in (("strictDetermination", "strict_determination"),
+                              ("legacyDeterminations", "legacy_determinations"),
                               ("bumpOnNoopPatch", "bump_on_noop_patch"), ("cascadeResolve", "cascade_resolve"),
                               ("unstableTies", "unstable_ties"), ("unorderedPages", "unordered_pages")):
                 if key in body:

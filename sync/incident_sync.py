@@ -20,6 +20,7 @@ from typing import Any
 
 from .budget import Deadline
 from .context import AppContext
+from .graph import GraphSecurityClient
 from .http import ApiError
 from .mapping import (
     OwnerMap,
@@ -27,6 +28,7 @@ from .mapping import (
     comment_guid,
     comment_key,
     defender_comment_parts,
+    determination_respelled,
     from_defender,
     from_sentinel,
     in_progress_fallback,
@@ -35,6 +37,7 @@ from .mapping import (
     mirrored_comment_key,
     mirrored_comment_text,
     redirect_sentinel_comment,
+    sentinel_closing_comment,
     to_defender_patch,
     to_sentinel_properties,
 )
@@ -210,10 +213,11 @@ class IncidentSyncer:
         current_resource = self.target.read(name, deadline=deadline)
         defender_changes: dict[str, Any] = {}
         first_merged: SyncedFields | None = None
+        closing = sentinel_closing_comment((current_resource or {}).get("properties") or {})
         if current_resource is not None and writable:
             first, _problems = merge_with(current_resource.get("properties") or {})
             first_merged = first.merged
-            patch = to_defender_patch(first.merged, defender)
+            patch = to_defender_patch(first.merged, defender, closing_comment=closing)
             if patch:
                 defender = current_defender = self._patch_defender(tid, incident_id, patch, defender, deadline)
                 defender_changes.update(patch)
@@ -234,7 +238,7 @@ class IncidentSyncer:
             outcome.result = "created"
         if writable and result.merged != first_merged:
             # The mirror changed between the read and the write (409, merged again): Defender follows the final merge.
-            patch = to_defender_patch(result.merged, defender)
+            patch = to_defender_patch(result.merged, defender, closing_comment=closing)
             if patch:
                 defender = self._patch_defender(tid, incident_id, patch, defender, deadline)
                 defender_changes.update(patch)
@@ -268,7 +272,7 @@ class IncidentSyncer:
         none, and a resolve also resolves the alerts)."""
         graph = self.ctx.graph(tenant_id)
         try:
-            patched = graph.update_incident(incident_id, patch, deadline=deadline)
+            patched = _update_respelling(graph, tenant_id, incident_id, patch, deadline)
         except ApiError as exc:
             # PRODUCT: if Graph refuses inProgress, write active instead.
             if not (exc.status == 400 and patch.get("status") == "inProgress"):
@@ -343,6 +347,22 @@ def unchanged_since_sync(link: dict[str, Any], resource: dict[str, Any]) -> bool
     if not isinstance(count, int) or isinstance(count, bool) or count != link.get("sentinelComments"):
         return False
     return label_names(resource) == link.get("sentinelLabels")
+
+
+def _update_respelling(graph: GraphSecurityClient, tenant_id: str, incident_id: str, patch: dict[str, Any],
+                       deadline: Deadline) -> dict[str, Any]:
+    """PATCH; when Graph refuses the determination's spelling (400), once more with the other spelling Microsoft's
+    pages use (``compromisedAccount``/``compromisedUser``, ...)."""
+    try:
+        return graph.update_incident(incident_id, patch, deadline=deadline)
+    except ApiError as exc:
+        respelled = determination_respelled(patch) if exc.status == 400 else None
+        if respelled is None:
+            raise
+        log.info("Graph refused determination %s; retrying as %s", patch.get("determination"),
+                 respelled["determination"], extra={"tenantId": tenant_id, "incidentId": incident_id,
+                                                    "action": "patch", "outcome": "respelled"})
+        return graph.update_incident(incident_id, respelled, deadline=deadline)
 
 
 def _time(value: object) -> Any:

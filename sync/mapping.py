@@ -7,10 +7,13 @@ The centre is :class:`SyncedFields`, a side-neutral snapshot of the synced field
 
 * ``status``: ``active`` | ``inProgress`` | ``resolved`` (Defender ``awaitingAction`` reads as ``inProgress``;
   ``redirected`` reads as ``resolved``/``unknown``, see :func:`from_defender`).
-* ``owner``: the Defender-side identity (UPN), lower-cased. Sentinel owners go through :class:`OwnerMap`.
+* ``owner``: the Defender-side identity (UPN), lower-cased. Sentinel owners go through :class:`OwnerMap`. A Defender
+  ``assignedTo`` that is free text (Graph takes any text: "Automation", an app's name) is no identity: it reads as
+  no owner, is never written as a Sentinel owner, and shows as the app's label ``owner:<text>``.
 * ``classification`` / ``determination``: only while resolved (``None`` while open): an open Sentinel incident has no
   classification, so an open incident's classification is not a synced value. Defender keeps whatever it has.
-* ``tags``: the user's tags (Defender ``customTags`` / Sentinel labels of type ``User``) less the app's own labels.
+* ``tags``: the user's tags (Defender ``customTags`` / Sentinel labels of type ``User``) less the app's own labels
+  (matched exactly: a customer's tag ``Redirected`` is a tag, the app's label is ``redirected``).
 
 Comment text (and any Defender text mirrored into a description) is data: HTML, markdown or script in it is kept
 verbatim as text, never parsed, evaluated, rendered or escaped here (escaping would corrupt the text on the way back).
@@ -82,6 +85,13 @@ LEGACY_DETERMINATIONS: dict[str, str] = {
     "unknownfuturevalue": UNKNOWN,
 }
 _DETERMINATION_BY_LOWER = {d.lower(): d for d in _DETERMINATION_ENUM} | LEGACY_DETERMINATIONS
+#: The two spellings Microsoft's pages give for one determination (Graph metadata name first). The app writes the
+#: metadata name; when Graph refuses it (400) the other is tried once (see :func:`determination_respelled`).
+DETERMINATION_SPELLINGS: tuple[tuple[str, str], ...] = (
+    ("compromisedAccount", "compromisedUser"), ("notMalicious", "clean"),
+    ("notEnoughDataToValidate", "insufficientData"), ("confirmedActivity", "confirmedUserActivity"),
+)
+_OTHER_SPELLING = {a: b for a, b in DETERMINATION_SPELLINGS} | {b: a for a, b in DETERMINATION_SPELLINGS}
 _CLASSIFICATION_BY_LOWER = {c.lower(): c for c in CLASSIFICATIONS} | {"unknownfuturevalue": UNKNOWN}
 
 _STATUS_TO_SENTINEL = {ACTIVE: "New", IN_PROGRESS: "Active", RESOLVED: "Closed"}
@@ -113,6 +123,15 @@ SOURCE_LABEL = "defender-sync"
 REDIRECTED_LABEL = "redirected"
 TENANT_LABEL_PREFIX = "tenant:"
 DETERMINATION_LABEL_PREFIX = "determination:"
+OWNER_LABEL_PREFIX = "owner:"
+#: Marks the later of two Sentinel incidents made for one Defender incident (defender-portal mode).
+DUPLICATE_LABEL = "duplicate"
+_APP_LABELS = frozenset({SOURCE_LABEL, REDIRECTED_LABEL, DUPLICATE_LABEL})
+_APP_LABEL_PREFIXES = (TENANT_LABEL_PREFIX, DETERMINATION_LABEL_PREFIX, OWNER_LABEL_PREFIX)
+#: Sentinel label names are short texts; a long free-text owner is cut to this in its ``owner:`` label.
+OWNER_LABEL_LIMIT = 256
+# A UPN or an e-mail address: one "@", no spaces, a dotted domain. Anything else in assignedTo is free text.
+_IDENTITY = re.compile(r"^[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+$")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Size limits (UTF-16 code units)
@@ -131,6 +150,7 @@ MAX_LISTED_ALERTS = 50
 TRUNCATION_MARKER = "…[truncated]"
 # Ends the closing comment the app generates, so it is regenerated (not kept as an analyst's note) when values change.
 _CLOSING_COMMENT_SUFFIX = f" (synced by {SOURCE_LABEL})."
+_REDIRECT_PREFIX = "Defender XDR merged incident "
 
 # Read-only Sentinel incident properties (and playbook-trigger extras): never sent back in a PUT.
 _SENTINEL_READ_ONLY = frozenset({
@@ -178,6 +198,26 @@ def canonical_owner(value: object) -> str | None:
         return None
     text = value.strip().lower()
     return text or None
+
+
+def is_identity(value: object) -> bool:
+    """Whether an owner value looks like a UPN or an e-mail address (``name@domain.tld``), the only owners that
+    mean the same person on both sides."""
+    return isinstance(value, str) and _IDENTITY.match(value.strip()) is not None
+
+
+def defender_owner(assigned_to: object) -> str | None:
+    """The canonical owner of a Defender ``assignedTo``: its identity, or ``None`` for free text (see
+    :func:`owner_text`)."""
+    return canonical_owner(assigned_to) if is_identity(assigned_to) else None
+
+
+def owner_text(assigned_to: object) -> str | None:
+    """A free-text ``assignedTo`` ("Automation", "Cortex XSOAR MS Graph Dev"), one line; ``None`` for an identity or
+    no owner."""
+    if not isinstance(assigned_to, str) or not assigned_to.strip() or is_identity(assigned_to):
+        return None
+    return " ".join(assigned_to.split())
 
 
 class OwnerMap:
@@ -282,10 +322,15 @@ def is_redirected(incident: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def is_app_label(name: str) -> bool:
-    """Whether a label/tag name is one of the app's own (case-insensitive): never a user tag on either side."""
-    lowered = name.strip().lower()
-    return (lowered in (SOURCE_LABEL, REDIRECTED_LABEL)
-            or lowered.startswith(TENANT_LABEL_PREFIX) or lowered.startswith(DETERMINATION_LABEL_PREFIX))
+    """Whether a label/tag name is one of the app's own, matched exactly (``redirected``, ``duplicate``, the source
+    label, ``tenant:…``, ``determination:…``, ``owner:…``): never a user tag on either side. A customer's own tag
+    spelled otherwise (``Redirected``, ``Owner:x``) is a tag like any other and syncs."""
+    return name in _APP_LABELS or name.startswith(_APP_LABEL_PREFIXES)
+
+
+def owner_label(text: str) -> str:
+    """The ``owner:<text>`` label showing a free-text Defender owner in Sentinel."""
+    return cut_text(f"{OWNER_LABEL_PREFIX}{text}", OWNER_LABEL_LIMIT, "…")
 
 
 def tenant_label(tenant_name: str) -> str:
@@ -367,14 +412,15 @@ def from_defender(incident: Mapping[str, Any]) -> SyncedFields:
         determination = normalize_determination(incident.get("determination"))
     return SyncedFields(
         status=status,
-        owner=canonical_owner(incident.get("assignedTo")),
+        owner=defender_owner(incident.get("assignedTo")),
         classification=classification,
         determination=determination,
         tags=_user_tags_from_custom_tags(incident.get("customTags")),
     )
 
 
-def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any]) -> dict[str, Any]:
+def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any], *,
+                      closing_comment: str | None = None) -> dict[str, Any]:
     """Graph PATCH body that makes ``current_defender`` show ``fields``; ``{}`` when nothing differs.
 
     Status is written as ``active``/``inProgress``/``resolved`` only (never ``redirected``/``awaitingAction``; an
@@ -382,6 +428,9 @@ def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any])
     are written together and only for a resolved incident; reopening leaves Defender's classification alone.
     ``assignedTo`` is the owner (``None`` unassigns). ``customTags`` is the full list (PATCH replaces the collection):
     the current order is kept, new tags appended sorted, and any app-label-shaped tag Defender has is kept.
+    ``closing_comment`` (Sentinel's analyst-written ``classificationComment``, see :func:`sentinel_closing_comment`)
+    becomes ``resolvingComment`` when this patch writes the closure, or when Defender is resolved with no comment of
+    its own; it never replaces a comment Defender has for the same closure.
     A redirected (merged) incident is terminal: the patch is always empty.
     """
     if is_redirected(current_defender):
@@ -397,6 +446,10 @@ def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any])
         if "status" in patch or reclassified:
             patch["classification"] = fields.classification
             patch["determination"] = fields.determination
+        current_comment = current_defender.get("resolvingComment")
+        if closing_comment and closing_comment != current_comment and (
+                "classification" in patch or not (isinstance(current_comment, str) and current_comment.strip())):
+            patch["resolvingComment"] = cut_text(closing_comment, CLASSIFICATION_COMMENT_LIMIT)
     if fields.owner != current.owner:
         patch["assignedTo"] = fields.owner
     if fields.tags != current.tags:
@@ -405,6 +458,13 @@ def to_defender_patch(fields: SyncedFields, current_defender: Mapping[str, Any])
         kept = [t for t in existing if t in fields.tags or (t.strip() and is_app_label(t))]
         patch["customTags"] = _dedupe(kept + sorted(fields.tags - set(kept)))
     return patch
+
+
+def determination_respelled(patch: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The PATCH to retry with when Graph refuses a determination spelling (400): the same with the other spelling
+    (``compromisedAccount`` <-> ``compromisedUser``, ...); ``None`` when the patch has no such determination."""
+    other = _OTHER_SPELLING.get(str(patch.get("determination")))
+    return {**patch, "determination": other} if other is not None else None
 
 
 def in_progress_fallback(patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -419,6 +479,18 @@ def _dedupe(items: Iterable[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Sentinel -> canonical
 # ---------------------------------------------------------------------------------------------------------------------
+
+def sentinel_closing_comment(properties: Mapping[str, Any]) -> str | None:
+    """The closing comment an analyst wrote on a closed Sentinel incident (``classificationComment``); ``None`` when
+    open, empty, or the app's own text (the generated "Closed as …" line or a redirect note)."""
+    comment = properties.get("classificationComment")
+    status = properties.get("status")
+    if (not isinstance(status, str) or status.strip().lower() != "closed" or not isinstance(comment, str)
+            or not comment.strip() or comment.endswith(_CLOSING_COMMENT_SUFFIX)
+            or comment.startswith(_REDIRECT_PREFIX)):
+        return None
+    return comment
+
 
 def sentinel_owner_identity(owner: object) -> str | None:
     """The identity in a Sentinel owner object (``userPrincipalName``, else ``email``), lower-cased.
@@ -443,8 +515,9 @@ def from_sentinel(properties: Mapping[str, Any], *, owner_map: OwnerMap, base: S
 
     1. a ``determination:<value>`` label valid for the classification (deprecated values tolerated, and the value of
        an unchanged closure always accepted since the app wrote it); an invalid label is ignored and reported, except
-       a stale label the app wrote for the previous classification (``base``), which is ignored silently; with several
-       valid labels the last one wins (an analyst's label comes after the app's: see :func:`sentinel_labels_stale`);
+       a stale label the app wrote for the previous classification (``base``), which is ignored silently; several
+       valid labels are reported, and the one that differs from ``base`` (the analyst's: the app's label shows the
+       base) is used, else the first sorted (label order is not relied on; see :func:`sentinel_labels_stale`);
     2. an unchanged closure: ``base`` resolved with the same classification keeps its determination;
     3. Defender's own determination (``defender``, the raw Graph incident): kept as-is when Defender is resolved with
        the same classification (the same closure), else kept when valid for the new classification (Defender keeps
@@ -496,8 +569,8 @@ def _determination_labels(labels: object) -> list[tuple[str, str]]:
     if isinstance(labels, list):
         for label in labels:
             name = _label_name(label)
-            if name is not None and name.strip().lower().startswith(DETERMINATION_LABEL_PREFIX):
-                found.append((name, normalize_determination(name.strip()[len(DETERMINATION_LABEL_PREFIX):])))
+            if name is not None and name.startswith(DETERMINATION_LABEL_PREFIX):
+                found.append((name, normalize_determination(name[len(DETERMINATION_LABEL_PREFIX):])))
     return found
 
 
@@ -514,17 +587,23 @@ def _sentinel_determination(cls: str, labels: object, base: SyncedFields | None,
     if defender_now is not None and defender_now.status == RESOLVED and defender_now.classification == cls:
         defender_same = defender_now.determination
 
-    chosen: str | None = None
+    valid: set[str] = set()
     for name, value in _determination_labels(labels):
         if (is_valid_determination(cls, value, tolerate_deprecated=True)
                 or value in (same_closure, defender_same)):
-            # The last valid label wins: an analyst's label is appended after the one the app wrote. This depends on
-            # the labels alone (not on the base), so re-reading after the merge moved the base cannot flip it.
-            chosen = value
+            valid.add(value)
         elif value != base_det:  # a label the app wrote for an earlier classification is stale, not an error
             problems.append(f"ignored label {name!r}: not a valid determination for classification {cls!r} "
                             f"(valid: {', '.join(sorted(VALID_DETERMINATIONS[cls]))})")
-    if chosen is not None:
+    if len(valid) == 1:
+        return valid.pop()
+    if valid:
+        # Sentinel's label order is not a promise, and which label came last is unknowable: the analyst's label is
+        # the one that differs from the last synced value (the app's label shows that value); else sorted first.
+        changed = sorted(valid - {base_det}) if base_det is not None else sorted(valid)
+        chosen = (changed or sorted(valid))[0]
+        problems.append(f"several determination labels ({', '.join(sorted(valid))}): used {chosen!r}; remove the "
+                        "others to choose another")
         return chosen
     if same_closure is not None:
         return same_closure
@@ -601,7 +680,8 @@ def to_sentinel_properties(incident: Mapping[str, Any], fields: SyncedFields, cu
     elif owner_identity is not None:
         props["owner"] = {"userPrincipalName": owner_identity, "email": owner_identity, "ownerType": "User"}
 
-    props["labels"] = _labels(fields, current.get("labels"), tenant_name, redirected)
+    props["labels"] = _labels(fields, current.get("labels"), tenant_name, redirected,
+                              owner_text(incident.get("assignedTo")))
 
     # Activity window: widened by the alerts' times, never narrowed (min/max keep it stable across rewrites).
     first, last = _activity_window(alert_list)
@@ -641,11 +721,15 @@ def _closing_comment(incident: Mapping[str, Any], fields: SyncedFields) -> str:
     return f"Closed as {fields.classification} / {fields.determination}{_CLOSING_COMMENT_SUFFIX}"
 
 
-def app_labels(fields: SyncedFields, *, tenant_name: str, redirected: bool) -> list[str]:
-    """The app's own labels for an incident: source, tenant, ``redirected``, ``determination:<value>`` (closed)."""
+def app_labels(fields: SyncedFields, *, tenant_name: str, redirected: bool,
+               free_text_owner: str | None = None) -> list[str]:
+    """The app's own labels for an incident: source, tenant, ``redirected``, ``owner:<text>`` (Defender's free-text
+    ``assignedTo`` while no identity owns the incident), ``determination:<value>`` (closed)."""
     app = [SOURCE_LABEL, tenant_label(tenant_name)]
     if redirected:
         app.append(REDIRECTED_LABEL)
+    if free_text_owner and fields.owner is None:
+        app.append(owner_label(free_text_owner))
     if fields.status == RESOLVED and fields.determination not in (None, UNKNOWN):
         assert fields.determination is not None
         app.append(determination_label(fields.determination))
@@ -653,7 +737,7 @@ def app_labels(fields: SyncedFields, *, tenant_name: str, redirected: bool) -> l
 
 
 def sentinel_labels_stale(properties: Mapping[str, Any], fields: SyncedFields, *, tenant_name: str,
-                          redirected: bool) -> bool:
+                          redirected: bool, free_text_owner: str | None = None) -> bool:
     """Whether the app's own labels on a Sentinel incident differ from what the app would write for ``fields``.
 
     The merge compares synced *values*: after an analyst adds a second ``determination:`` label, or reclassifies
@@ -664,21 +748,27 @@ def sentinel_labels_stale(properties: Mapping[str, Any], fields: SyncedFields, *
     labels = properties.get("labels")
     names = [_label_name(label) for label in labels] if isinstance(labels, list) else []
     present = sorted(name for name in names if name is not None and is_app_label(name))
-    return present != sorted(app_labels(fields, tenant_name=tenant_name, redirected=redirected))
+    return present != sorted(app_labels(fields, tenant_name=tenant_name, redirected=redirected,
+                                        free_text_owner=free_text_owner))
 
 
-def _labels(fields: SyncedFields, current_labels: object, tenant_name: str, redirected: bool) -> list[dict[str, str]]:
+def _labels(fields: SyncedFields, current_labels: object, tenant_name: str, redirected: bool,
+            free_text_owner: str | None) -> list[dict[str, str]]:
     # AutoAssigned labels belong to automation rules: carried over as they are, in their order. Sentinel keeps one
     # label per name, so a user tag or app label of the same name is not written twice.
+    # The app's own labels are regenerated whatever their type: an automation rule's stale ``determination:`` label
+    # carried over would be read as a change on the next sync.
     auto: list[dict[str, str]] = []
     if isinstance(current_labels, list):
         for label in current_labels:
             name = _label_name(label)
-            if name is not None and isinstance(label, Mapping) and not _is_user_label(label):
+            if (name is not None and isinstance(label, Mapping) and not _is_user_label(label)
+                    and not is_app_label(name)):
                 auto.append({"labelName": name, "labelType": str(label.get("labelType"))})
     taken = {label["labelName"] for label in auto}
     user = [name for name in sorted(fields.tags) if name not in taken]
-    app = [name for name in app_labels(fields, tenant_name=tenant_name, redirected=redirected) if name not in taken]
+    app = [name for name in app_labels(fields, tenant_name=tenant_name, redirected=redirected,
+                                       free_text_owner=free_text_owner) if name not in taken]
     labels = [{"labelName": name, "labelType": "User"} for name in user] + auto
     labels.extend({"labelName": name, "labelType": "User"} for name in app)
     return labels
@@ -781,8 +871,8 @@ def redirect_comment(incident: Mapping[str, Any], *, surviving_sentinel_url: str
         return None
     target = incident.get("redirectIncidentId")
     if target in (None, ""):
-        return f"Defender XDR merged incident {incident.get('id', '')} into another incident; closed as Undetermined."
-    text = (f"Defender XDR merged incident {incident.get('id', '')} into incident {target}: "
+        return f"{_REDIRECT_PREFIX}{incident.get('id', '')} into another incident; closed as Undetermined."
+    text = (f"{_REDIRECT_PREFIX}{incident.get('id', '')} into incident {target}: "
             f"{surviving_incident_url(incident)}")
     if surviving_sentinel_url:
         text += f" (Sentinel: {surviving_sentinel_url})"

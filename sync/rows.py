@@ -581,6 +581,7 @@ def alert_row(alert: Mapping[str, Any], *, incident_id: str, tenant_id: str, ten
         "Classification": alert.get("classification"),
         "Determination": alert.get("determination"),
         "Category": alert.get("category"),
+        "Categories": _as_list(alert.get("categories")),
         "ServiceSource": alert.get("serviceSource"),
         "DetectionSource": alert.get("detectionSource"),
         "DetectorId": alert.get("detectorId"),
@@ -628,56 +629,134 @@ def _ip_of(value: Any) -> Any:
     return value.get("ipAddress") if isinstance(value, Mapping) else value
 
 
-def flatten_evidence(evidence: Mapping[str, Any]) -> dict[str, Any]:
-    """Join keys analysts use, read by Graph property name rather than by evidence type (the type list grows):
+_NAME_IS_NOT_A_RESOURCE = frozenset({"malwareEvidence", "gitHubUserEvidence"})
 
-    - DeviceId: ``mdeDeviceId`` (deviceEvidence, fileEvidence, processEvidence, registryValueEvidence, ...) or the
-      ``host`` (a deviceEvidence) of hostLogonSessionEvidence.
+
+def _first_item(value: Any) -> Any:
+    """The first item of a list (``None`` for an empty list or a non-list)."""
+    return value[0] if isinstance(value, list) and value else None
+
+
+def _hash_of(evidence: Mapping[str, Any], files: Mapping[str, Any], algorithm: str) -> Any:
+    """A hash from ``fileDetails``/``imageFile``, a fileHashEvidence ``{algorithm, value}`` or blobEvidence
+    ``fileHashes`` (a list of ``{algorithm, value}``)."""
+    listed = evidence.get("fileHashes")
+    candidates = [evidence, *[h for h in listed if isinstance(h, Mapping)]] if isinstance(listed, list) else [evidence]
+    by_algorithm = (c.get("value") for c in candidates
+                    if isinstance(c.get("algorithm"), str) and c["algorithm"].lower() == algorithm)
+    return _first(files.get(algorithm), *by_algorithm)
+
+
+def _cloud_resource_id(resource: Mapping[str, Any]) -> Any:
+    """The ID of a cloud resource evidence: Azure ``resourceId``, AWS ``amazonResourceId``, Google
+    ``fullResourceName`` (kubernetesClusterEvidence ``cloudResource`` may be any of the three)."""
+    return _first(resource.get("resourceId"), resource.get("amazonResourceId"), resource.get("fullResourceName"))
+
+
+def _registry_key(evidence: Mapping[str, Any]) -> Any:
+    """``HIVE\\key`` (the full path, as Defender's advanced hunting spells it) from registryHive + registryKey."""
+    key, hive = evidence.get("registryKey"), evidence.get("registryHive")
+    if isinstance(key, str) and isinstance(hive, str) and hive and not key.upper().startswith(hive.upper()):
+        return f"{hive}\\{key}"
+    return key
+
+
+def flatten_evidence(evidence: Mapping[str, Any]) -> dict[str, Any]:
+    """Join keys analysts use, read by Graph property name rather than by evidence type (the type list grows).
+
+    ``tests/test_real_payloads.py`` lists every evidence type of Graph v1.0 with the key columns it fills.
+
+    - DeviceId: ``mdeDeviceId`` (deviceEvidence, fileEvidence, processEvidence, registryValueEvidence, ...), the
+      ``host`` (a deviceEvidence) of hostLogonSessionEvidence, ioTDeviceEvidence ``deviceId``.
     - DeviceName: deviceEvidence ``deviceDnsName`` (FQDN), else ``hostName``; the same on ``host``; else
       ``deviceName`` (cloudLogonSessionEvidence, ioTDeviceEvidence).
     - Account*: from userAccount ``{accountName, domainName, userPrincipalName, userSid, azureAdUserId}`` of
       userEvidence, processEvidence, mailboxEvidence, or ``account.userAccount`` of the logon-session evidence;
       AccountUpn falls back to ``upn`` (mailboxEvidence, mailboxConfigurationEvidence) and AccountObjectId to
-      ``externalDirectoryObjectId`` (mailboxConfigurationEvidence).
+      ``externalDirectoryObjectId`` (mailboxConfigurationEvidence). Other security principals use the same
+      columns: securityGroupEvidence ``sid`` / ``securityGroupId`` (else ``activeDirectoryObjectGuid``),
+      servicePrincipalEvidence ``servicePrincipalObjectId``, gitHubUserEvidence ``login``.
     - IpAddress: ipEvidence ``ipAddress``; ``ipAddress.ipAddress`` (nicEvidence, ioTDeviceEvidence); the remote
       end ``destinationAddress.ipAddress`` of networkConnectionEvidence; deviceEvidence ``lastIpAddress``;
-      ``senderIp`` of analyzedMessageEvidence/submissionMailEvidence.
-    - Url: ``url`` (urlEvidence, blobEvidence).
+      ``senderIp`` of analyzedMessageEvidence/submissionMailEvidence, ``senderIP`` of teamsMessageEvidence;
+      dnsEvidence: the first resolved address (``ipAddresses``), else ``hostIpAddress``; kubernetesPodEvidence
+      ``podIp``, kubernetesServiceEvidence ``clusterIP``.
+    - Url: ``url`` (urlEvidence, blobEvidence, blobContainerEvidence); GitHub evidence ``webUrl``/``baseUrl``.
     - File*: ``fileDetails`` (fileEvidence) or ``imageFile`` (processEvidence) ``{fileName, filePath, sha1, sha256,
-      md5}``; fileHashEvidence ``{algorithm, value}`` fills Sha1/Sha256/Md5.
+      md5}``; fileHashEvidence ``{algorithm, value}`` and blobEvidence ``fileHashes`` fill Sha1/Sha256/Md5.
     - ProcessId / ProcessCommandLine: processEvidence ``processId`` / ``processCommandLine``.
     - MailboxAddress: mailboxEvidence ``primaryAddress``, mailboxConfigurationEvidence ``mailboxPrimaryAddress``,
       analyzedMessageEvidence ``recipientEmailAddress``, submissionMailEvidence ``recipient``.
-    - NetworkMessageId: ``networkMessageId`` (analyzedMessageEvidence, submissionMailEvidence).
+    - NetworkMessageId: ``networkMessageId`` (analyzedMessageEvidence, submissionMailEvidence), teamsMessageEvidence
+      ``messageId``; NetworkMessageIds: mailClusterEvidence ``networkMessageIds`` (the whole list).
+    - SenderAddress: analyzedMessageEvidence ``p1Sender.emailAddress``, submissionMailEvidence ``sender``,
+      teamsMessageEvidence ``senderFromAddress``.
+    - DomainName: dnsEvidence ``domainName``, activeDirectoryDomainEvidence ``activeDirectoryDomainName``.
+    - AppId / AppName: ``appId`` of oauthApplicationEvidence, servicePrincipalEvidence, cloudApplicationEvidence
+      (a number there) with ``displayName`` / ``servicePrincipalName``.
+    - ResourceId / ResourceName: cloud resources (azureResourceEvidence, amazonResourceEvidence,
+      googleCloudResourceEvidence; the ``storageResource`` of blobContainerEvidence/sasTokenEvidence, the
+      ``cloudResource`` of kubernetesClusterEvidence, the ``ioTHub`` of ioTDeviceEvidence, a VM's
+      ``vmMetadata.resourceId``), containers (``containerId``, ``imageId``, ``registry``), Kubernetes objects and
+      blobs (``name``), aiAgentEvidence ``agentId``/``agentName``, GitHub ``repoId``/``orgId``.
+    - RegistryKey (``HIVE\\key``) / RegistryValueName: registryKeyEvidence, registryValueEvidence.
+    - SessionId: logon-session evidence ``sessionId``; RequestId: cloudLogonRequestEvidence ``requestId``.
+    - MalwareName: malwareEvidence ``name``.
     """
     host = _obj(evidence.get("host"))
     account = _account_of(evidence)
     files = _obj(evidence.get("fileDetails")) or _obj(evidence.get("imageFile"))
-    hashes: dict[str, Any] = {}
-    if isinstance(evidence.get("algorithm"), str):
-        hashes[evidence["algorithm"].lower()] = evidence.get("value")
+    cloud = (_obj(evidence.get("storageResource")) or _obj(evidence.get("cloudResource"))
+             or _obj(evidence.get("ioTHub")) or _obj(evidence.get("vmMetadata")))
+    sender = _obj(evidence.get("p1Sender"))
+    kind = evidence_type(evidence)
+    # ``name`` means a malware's name, a person's name (gitHubUserEvidence) or a resource's name (the rest).
+    name = evidence.get("name") if kind not in _NAME_IS_NOT_A_RESOURCE else None
     return {
-        "DeviceId": _first(evidence.get("mdeDeviceId"), host.get("mdeDeviceId")),
+        "DeviceId": _first(evidence.get("mdeDeviceId"), host.get("mdeDeviceId"), evidence.get("deviceId")),
         "DeviceName": _first(evidence.get("deviceDnsName"), evidence.get("hostName"), host.get("deviceDnsName"),
                              host.get("hostName"), evidence.get("deviceName")),
-        "AccountName": account.get("accountName"),
+        "AccountName": _first(account.get("accountName"),
+                              evidence.get("login") if kind == "gitHubUserEvidence" else None),
         "AccountDomain": account.get("domainName"),
         "AccountUpn": _first(account.get("userPrincipalName"), evidence.get("upn")),
-        "AccountSid": account.get("userSid"),
-        "AccountObjectId": _first(account.get("azureAdUserId"), evidence.get("externalDirectoryObjectId")),
+        "AccountSid": _first(account.get("userSid"), evidence.get("sid")),
+        "AccountObjectId": _first(account.get("azureAdUserId"), evidence.get("externalDirectoryObjectId"),
+                                  evidence.get("securityGroupId"), evidence.get("activeDirectoryObjectGuid"),
+                                  evidence.get("servicePrincipalObjectId")),
         "IpAddress": _first(_ip_of(evidence.get("ipAddress")), _ip_of(evidence.get("destinationAddress")),
-                            evidence.get("lastIpAddress"), evidence.get("senderIp")),
-        "Url": evidence.get("url"),
+                            evidence.get("lastIpAddress"), evidence.get("senderIp"), evidence.get("senderIP"),
+                            _ip_of(_first_item(evidence.get("ipAddresses"))), _ip_of(evidence.get("hostIpAddress")),
+                            _ip_of(evidence.get("podIp")), _ip_of(evidence.get("clusterIP"))),
+        "Url": _first(evidence.get("url"), evidence.get("webUrl"), evidence.get("baseUrl")),
         "FileName": files.get("fileName"),
         "FilePath": files.get("filePath"),
-        "Sha1": _first(files.get("sha1"), hashes.get("sha1")),
-        "Sha256": _first(files.get("sha256"), hashes.get("sha256")),
-        "Md5": _first(files.get("md5"), hashes.get("md5")),
+        "Sha1": _hash_of(evidence, files, "sha1"),
+        "Sha256": _hash_of(evidence, files, "sha256"),
+        "Md5": _hash_of(evidence, files, "md5"),
         "ProcessId": evidence.get("processId"),
         "ProcessCommandLine": evidence.get("processCommandLine"),
         "MailboxAddress": _first(evidence.get("primaryAddress"), evidence.get("mailboxPrimaryAddress"),
                                  evidence.get("recipientEmailAddress"), evidence.get("recipient")),
-        "NetworkMessageId": evidence.get("networkMessageId"),
+        "NetworkMessageId": _first(evidence.get("networkMessageId"), evidence.get("messageId")),
+        "NetworkMessageIds": _as_list(evidence.get("networkMessageIds")),
+        "SenderAddress": _first(sender.get("emailAddress"), evidence.get("sender"),
+                                evidence.get("senderFromAddress")),
+        "DomainName": _first(evidence.get("domainName"), evidence.get("activeDirectoryDomainName")),
+        "AppId": evidence.get("appId"),
+        "AppName": _first(evidence.get("displayName"), evidence.get("servicePrincipalName"))
+        if evidence.get("appId") is not None else None,
+        "ResourceId": _first(_cloud_resource_id(evidence), _cloud_resource_id(cloud), evidence.get("containerId"),
+                             evidence.get("imageId"), evidence.get("agentId"), evidence.get("repoId"),
+                             evidence.get("orgId")),
+        "ResourceName": _first(evidence.get("resourceName"), evidence.get("agentName"),
+                               evidence.get("registry") if isinstance(evidence.get("registry"), str) else None,
+                               name),
+        "RegistryKey": _registry_key(evidence),
+        "RegistryValueName": evidence.get("registryValueName"),
+        "SessionId": evidence.get("sessionId"),
+        "RequestId": evidence.get("requestId"),
+        "MalwareName": evidence.get("name") if kind == "malwareEvidence" else None,
     }
 
 

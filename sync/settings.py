@@ -7,6 +7,7 @@ looks like, so a misconfigured deployment fails at start-up with an actionable m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -18,6 +19,9 @@ Mode = Literal["sync", "pull-only", "data-only"]
 ConflictPolicy = Literal["latest", "defender", "sentinel"]
 Fanout = Literal["inline", "queue"]
 
+log = logging.getLogger(__name__)
+
+#: Graph's alertSeverity, a closed set: an unknown minSeverity is a typo (no rank can be guessed), so an error.
 SEVERITY_ORDER = ("unknown", "informational", "low", "medium", "high")
 
 # Every app setting the code reads; infra tests assert the Bicep sets each of the required ones.
@@ -43,10 +47,13 @@ _WELL_KNOWN_AUTHORITIES = frozenset({
     "login.microsoftonline.com", "login.microsoftonline.us", "login.chinacloudapi.cn", "login.microsoft.com",
     "login.windows.net", "login.partner.microsoftonline.cn", "login.microsoftonline.de", "sts.windows.net",
 })
+# Graph's serviceSource enum is evolvable (Microsoft adds members): an unknown value is a warning, never a start-up
+# failure, and it is used as given (the filter compares case-insensitively).
 _SERVICE_SOURCES = frozenset({
     "unknown", "microsoftDefenderForEndpoint", "microsoftDefenderForIdentity", "microsoftDefenderForCloudApps",
     "microsoftDefenderForOffice365", "microsoft365Defender", "azureAdIdentityProtection", "microsoftAppGovernance",
     "dataLossPrevention", "microsoftDefenderForCloud", "microsoftSentinel", "microsoftInsiderRiskManagement",
+    "microsoftThreatIntelligence", "microsoftSecurityForAI",
 })
 
 
@@ -121,6 +128,8 @@ class Settings:
     queue_name: str
     graph_page_size: int = 50
     app_client_id: str | None = None
+    #: Accepted but doubtful values (e.g. a serviceSource this version does not know), logged at start-up.
+    warnings: tuple[str, ...] = ()
 
     @property
     def graph_scope(self) -> str:
@@ -217,9 +226,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         queue_name=queue,
         graph_page_size=int(reader.number("SYNC_GRAPH_PAGE_SIZE", 50, 1, 50, True)),
         app_client_id=reader.optional("AZURE_CLIENT_ID"),
+        warnings=tuple(reader.warnings),
     )
     if problems:
         raise SettingsError(problems)
+    for warning in settings.warnings:
+        log.warning(warning, extra={"action": "settings", "outcome": "warning"})
     return settings
 
 
@@ -244,6 +256,7 @@ class _Reader:
     def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
         self.env = env
         self.problems = problems
+        self.warnings: list[str] = []
 
     def optional(self, name: str) -> str | None:
         value = self.env.get(name)
@@ -377,8 +390,9 @@ class _Reader:
                 lowered = {s.lower(): s for s in _SERVICE_SOURCES}
                 bad = [s for s in sources if s.lower() not in lowered]
                 if bad:
-                    self.problems.append(f"{where}.serviceSources has unknown values {bad}; known: "
-                                         f"{', '.join(sorted(_SERVICE_SOURCES))}.")
+                    self.warnings.append(f"{where}.serviceSources has values this version does not know {bad} "
+                                         "(used as given: Microsoft adds sources; check the spelling if "
+                                         f"unintended); known: {', '.join(sorted(_SERVICE_SOURCES))}.")
                 source_set = frozenset(str(lowered.get(str(s).lower(), s)) for s in sources)
         return TenantConfig(tenant_id=tenant_id, name=name.strip(), mode=mode,
                             min_severity=severity.lower() if isinstance(severity, str) else None,

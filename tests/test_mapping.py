@@ -287,15 +287,17 @@ def test_incorrect_alert_logic_reads_false_positive_and_is_kept() -> None:
 def test_determination_label_sets_it_explicitly() -> None:
     fields, problems = read(closed("BenignPositive", "determination:securityTesting"))
     assert (fields.determination, problems) == ("securityTesting", [])
-    fields, problems = read(closed("FalsePositive", "Determination:clean"))  # legacy name, any case
+    fields, problems = read(closed("FalsePositive", "determination:Clean"))  # legacy name, value in any case
     assert (fields.determination, problems) == ("notMalicious", [])
-    # The analyst's new label (appended after the app's) wins, whatever the base: re-reading cannot flip it.
+    # Two labels: the analyst's new one is the one that differs from the base (the app's label shows the base),
+    # whatever Sentinel's label order; the ambiguity is reported.
     base = SyncedFields("resolved", None, "truePositive", "malware", frozenset())
     both = closed("TruePositive", "determination:malware", "determination:phishing")
+    reordered = closed("TruePositive", "determination:phishing", "determination:malware")
     fields, problems = read(both, base)
-    assert (fields.determination, problems) == ("phishing", [])
+    assert fields.determination == "phishing" and read(reordered, base)[0] == fields
+    assert len(problems) == 1 and "several determination labels (malware, phishing)" in problems[0]
     assert fields.tags == frozenset()
-    assert read(both, fields)[0] == fields
     # ...and the labels are flagged for the one repairing write, after which they are clean.
     assert m.sentinel_labels_stale(both, fields, tenant_name="t", redirected=False)
     repaired = m.to_sentinel_properties({"id": "1"}, fields, both, owner_map=OM, tenant_name="t")
@@ -416,9 +418,12 @@ def test_owner_map_is_bidirectional_and_case_insensitive() -> None:
 
 
 def test_app_labels_are_not_user_tags() -> None:
-    for name in ["defender-sync", "Redirected", "tenant:Contoso", "determination:malware", " determination:x"]:
+    for name in ["defender-sync", "redirected", "duplicate", "tenant:Contoso", "determination:malware",
+                 "owner:Automation"]:
         assert m.is_app_label(name)
-    for name in ["redirect", "tenants", "sync", "determinations"]:
+    # Matched exactly: a customer's own tags spelled otherwise are tags.
+    for name in ["redirect", "tenants", "sync", "determinations", "Redirected", "Duplicate", "Tenant:x",
+                 " determination:x", "Owner:x", "owner"]:
         assert not m.is_app_label(name)
     labels = [{"labelName": "x", "labelType": "User"}, {"labelName": "y"}, {"labelName": "auto", "labelType":
               "AutoAssigned"}, {"labelName": "tenant:a", "labelType": "User"}, {"labelName": ""}, "junk"]

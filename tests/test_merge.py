@@ -282,8 +282,10 @@ def test_two_sides_converge_through_the_mapping(data: st.DataObject, policy: str
             assert m.to_defender_patch(result.merged, defender) == {}
         base = result.merged
         if not result.sentinel_changes:
-            # Even without the repairing write, re-reading against the new base gives the same value.
-            assert m.from_sentinel(sentinel, owner_map=OWNER_MAP, base=base, defender=defender)[0] == base
+            # Even without the repairing write, re-reading against the new base gives the same value, unless several
+            # determination labels are there (ambiguous, reported): then the labels are stale and repaired below.
+            assert (m.from_sentinel(sentinel, owner_map=OWNER_MAP, base=base, defender=defender)[0] == base
+                    or m.sentinel_labels_stale(sentinel, base, tenant_name="t", redirected=False))
         if result.sentinel_changes or m.sentinel_labels_stale(sentinel, base, tenant_name="t", redirected=False):
             sentinel = m.to_sentinel_properties(defender, base, sentinel, owner_map=OWNER_MAP, tenant_name="t")
 

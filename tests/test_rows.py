@@ -133,6 +133,7 @@ def full_alert() -> dict[str, Any]:
         "description": "A hidden file has been launched.",
         "recommendedActions": "Collect artifacts and determine scope.",
         "category": "DefenseEvasion",
+        "categories": ["DefenseEvasion", "Execution"],
         "assignedTo": "KaiC@contoso.onmicrosoft.com",
         "alertWebUrl": "https://security.microsoft.com/alerts/da637551227677560813_-961444813?tid=x",
         "incidentWebUrl": "https://security.microsoft.com/incidents/2972395?tid=x",
@@ -195,6 +196,15 @@ def all_evidence() -> list[Any]:
         ev("analyzedMessageEvidence", networkMessageId="nmid-1", internetMessageId="<m@x>",
            recipientEmailAddress="alice@contoso.com", senderIp="198.51.100.1", subject="Invoice",
            p1Sender={"emailAddress": "evil@bad.example", "displayName": "Evil", "domainName": "bad.example"}),
+        ev("dnsEvidence", domainName="bad.example", ipAddresses=[{"ipAddress": "203.0.113.9"}]),
+        ev("oauthApplicationEvidence", appId="app-1", displayName="Consent phish app", objectId="obj-1"),
+        ev("azureResourceEvidence", resourceId="/subscriptions/s/rg/sa", resourceName="sa"),
+        ev("registryValueEvidence", mdeDeviceId="mde-1", registryKey="Run", registryHive="HKEY_CURRENT_USER",
+           registryValueName="evil"),
+        ev("cloudLogonSessionEvidence", account={"userAccount": user_account("bob")}, sessionId="s-1"),
+        ev("cloudLogonRequestEvidence", requestId="req-1"),
+        ev("malwareEvidence", name="Trojan:Win32/Wacatac", category="Trojan"),
+        ev("mailClusterEvidence", networkMessageIds=["n1", "n2"], clusterBy="Subject"),
     ]
 
 
@@ -267,6 +277,7 @@ def test_realistic_rows_are_valid_and_fill_the_expected_values() -> None:
     assert alert["AlertTitle"] == "Suspicious execution of hidden file"
     assert alert["EvidenceCount"] == len(all_evidence()) == len(built["DefenderEvidence_CL"])
     assert alert["AdditionalData"] == {"key": {"nested": [1, 2, 3]}}
+    assert alert["Category"] == "DefenseEvasion" and alert["Categories"] == ["DefenseEvasion", "Execution"]
     assert alert["FirstActivityDateTime"] == "2021-04-26T07:45:50.116Z"
     evidence = built["DefenderEvidence_CL"]
     assert [r["EvidenceIndex"] for r in evidence] == list(range(len(evidence)))

@@ -149,3 +149,26 @@ def test_federated_audience_follows_the_cloud() -> None:
     assert federated_scope("https://login.microsoftonline.com") == "api://AzureADTokenExchange/.default"
     assert federated_scope("https://login.microsoftonline.us") == "api://AzureADTokenExchangeUSGov/.default"
     assert federated_scope("https://127.0.0.1:8443") == "api://AzureADTokenExchange/.default"
+
+
+def test_service_sources_microsoft_added_later_load_and_unknown_ones_only_warn(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Graph's serviceSource enum is evolvable: microsoftThreatIntelligence and microsoftSecurityForAI are real values
+    # (Graph metadata), and a member Microsoft adds tomorrow must not stop the app from starting.
+    sources = ["microsoftThreatIntelligence", "MicrosoftSecurityForAI", "microsoftBrandNewProduct"]
+    env = base_env(SYNC_TENANTS=json.dumps({T1: {"serviceSources": sources}}))
+    with caplog.at_level("WARNING", logger="sync.settings"):
+        s = load_settings(env)
+    t1 = s.tenant(T1)
+    assert t1 is not None
+    assert t1.service_sources == frozenset({"microsoftThreatIntelligence", "microsoftSecurityForAI",
+                                            "microsoftBrandNewProduct"})
+    assert len(s.warnings) == 1 and "microsoftBrandNewProduct" in s.warnings[0]
+    assert "serviceSources" in s.warnings[0] and "['microsoftBrandNewProduct']" in s.warnings[0]
+    assert [r.getMessage() for r in caplog.records if r.name == "sync.settings"] == list(s.warnings)
+
+
+def test_min_severity_stays_a_closed_set() -> None:
+    # Severity is Graph's closed alertSeverity set: an unknown value is a typo, and a rank cannot be guessed for it.
+    problems = problems_of(base_env(SYNC_TENANTS=json.dumps({T1: {"minSeverity": "critical"}})))
+    assert any("minSeverity must be one of" in p for p in problems)
