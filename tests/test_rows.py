@@ -686,7 +686,7 @@ REQUEST_ID = "0b7e8f4e-3c1a-4d2b-9e6f-1a2b3c4d5e6f"
 # What all_evidence() names, in first-seen order, each once.
 ACCOUNTS = ["alice@contoso.com", "bob@contoso.com"]
 HOSTS = ["host-1.contoso.com"]
-IPS = ["10.0.0.5", "203.0.113.7", "198.51.100.1"]
+IPS = ["10.0.0.5", "203.0.113.7", "198.51.100.1", "203.0.113.9"]  # 203.0.113.9: the DNS evidence resolves to it
 
 
 def request_row(incident: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
