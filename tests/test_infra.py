@@ -62,6 +62,10 @@ UNSET_ON_PURPOSE = {
     "DEFENDER_CLIENT_CERTIFICATE_PATH": "a file path for local runs; in Azure the certificate arrives as the Key Vault "
                                         "reference DEFENDER_CLIENT_CERTIFICATE",
     "SYNC_STATE_STORAGE": "optional separate state account; the state lives in AzureWebJobsStorage by default",
+    # Defaults apply (sentinel-api); the defender-portal infra sets them with its mirror rule.
+    "SYNC_MIRROR_TARGET": "defaults to sentinel-api",
+    "SYNC_MIRROR_RULE_ID": "only with defender-portal",
+    "SYNC_MIRROR_REQUESTS_PER_MINUTE": "defaults to 25",
 }
 IDENTITY_STORAGE_SETTINGS = ("AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId",
                              "AzureWebJobsStorage__blobServiceUri", "AzureWebJobsStorage__queueServiceUri",
