@@ -53,9 +53,14 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from .alert_rules import AlertRuleError, AlertRuleStore
+from .arm_rbac import PERMISSIONS_API_VERSION, ArmPermissions, authorization_failed
 from .base import EmuError, EmuRequest, EmuResponse, FaultPlan
 
 API_VERSION = "2025-09-01"
+# NRT analytics rules exist only in preview versions of the REST API; alertRules accept both.
+ALERT_RULES_API_VERSIONS = (API_VERSION, "2025-10-01-preview")
+WORKSPACE_API_VERSIONS = ("2022-10-01", "2023-09-01", "2025-02-01", "2025-07-01", "2026-03-01")
 PROVIDER = "Microsoft.SecurityInsights"
 NATIVE_PROVIDER_NAME = "Azure Sentinel"
 XDR_PROVIDER_NAME = "Microsoft XDR"
@@ -85,6 +90,13 @@ _WS_RE = re.compile(
     r"/providers/microsoft\.securityinsights/(?P<rest>.*?)/?$",
     re.IGNORECASE,
 )
+_WS_EXTRA_RE = re.compile(    # the workspace itself, and the caller's permissions on it
+    r"^(?P<ws>/subscriptions/(?P<sub>[^/]+)/resourcegroups/(?P<rg>[^/]+)/providers/"
+    r"microsoft\.operationalinsights/workspaces/(?P<wsname>[^/]+))"
+    r"(?P<perm>/providers/microsoft\.authorization/permissions)?/?$",
+    re.IGNORECASE,
+)
+_ALERT_RULE_RE = re.compile(r"^alertrules/(?P<rule>[^/]+)$", re.IGNORECASE)
 _INCIDENT_RE = re.compile(
     r"^incidents(?:/(?P<inc>[^/]+)(?:/(?P<sub>[^/]+)(?:/(?P<cid>[^/]+))?)?)?$", re.IGNORECASE)
 _CLAUSE_RE = re.compile(
@@ -251,6 +263,8 @@ class SentinelService:
             self.add_workspace(ws)
         self.write_log: list[WriteRecord] = []
         self.requests: int = 0
+        self.permissions = ArmPermissions()      # RBAC on the workspace, per principal (default: Sentinel Responder)
+        self.alert_rules = AlertRuleStore()      # analytics rules (emulators/alert_rules.py)
 
     # ------------------------------------------------------------------------------------------- workspaces & clock
 
@@ -363,6 +377,9 @@ class SentinelService:
                     raise ConnectionAbortedError("injected fault: drop the connection")
         try:
             claims = self._authenticate(request)
+            extra = self._route_workspace(request, claims)
+            if extra is not None:
+                return extra
             self._check_api_version(request)
             return self._route(request, claims)
         except _Reject as rej:
@@ -392,6 +409,68 @@ class SentinelService:
                           {"WWW-Authenticate": 'Bearer authorization_uri="https://login.microsoftonline.com/", '
                                                'error="invalid_token"'}) from exc
 
+    def _authorize(self, claims: dict[str, Any], action: str, scope: str) -> None:
+        """403 AuthorizationFailed unless the caller's role assignments allow ``action`` (strict, as ARM is)."""
+        principal = str(claims.get("oid") or "")
+        if self.verifier is not None and not self.permissions.allows(principal, action):
+            body = authorization_failed(principal, action, scope)["error"]
+            raise _Reject(403, body["code"], body["message"])
+
+    def _route_workspace(self, request: EmuRequest, claims: dict[str, Any]) -> EmuResponse | None:
+        """The workspace GET, the caller's permissions on it, and alertRules; None for the incidents API."""
+        extra = _WS_EXTRA_RE.match(request.path)
+        m = _WS_RE.match(request.path)
+        rule_m = _ALERT_RULE_RE.match(m.group("rest")) if m else None
+        if extra is None and rule_m is None:
+            return None
+        found = extra or m
+        assert found is not None
+        with self._lock:
+            ws = self._workspaces.get(found.group("ws").lower())
+        if ws is None:
+            raise _Reject(404, "ResourceNotFound",
+                          f"The Resource 'Microsoft.OperationalInsights/workspaces/{found.group('wsname')}' under "
+                          f"resource group '{found.group('rg')}' was not found.")
+        version = request.q("api-version")
+        method = request.method.upper()
+        if extra is not None and extra.group("perm"):
+            self._require_version(version, (PERMISSIONS_API_VERSION,), "Microsoft.Authorization/permissions")
+            if method != "GET":
+                raise _Reject(405, "MethodNotAllowed", f"{method} is not allowed on permissions.")
+            return _ok(200, self.permissions.list_body(str(claims.get("oid") or "")))
+        if extra is not None:
+            self._require_version(version, WORKSPACE_API_VERSIONS, "Microsoft.OperationalInsights/workspaces")
+            if method != "GET":
+                raise _Reject(405, "MethodNotAllowed", f"{method} on the workspace is not emulated.")
+            self._authorize(claims, "Microsoft.OperationalInsights/workspaces/read", ws.resource_id)
+            return _ok(200, {"id": ws.resource_id, "name": ws.name, "type": "Microsoft.OperationalInsights/workspaces",
+                             "location": "westeurope", "properties": {"customerId": ws.guid,
+                                                                      "provisioningState": "Succeeded",
+                                                                      "retentionInDays": 90}})
+        assert rule_m is not None
+        self._require_version(version, ALERT_RULES_API_VERSIONS, f"{PROVIDER}/alertRules")
+        rule_id = rule_m.group("rule")
+        try:
+            if method == "GET":
+                self._authorize(claims, f"{PROVIDER}/alertRules/read", ws.resource_id)
+                return _ok(200, self.alert_rules.get(ws.resource_id, rule_id))
+            if method == "PUT":
+                self._authorize(claims, f"{PROVIDER}/alertRules/write", ws.resource_id)
+                status, rule = self.alert_rules.put(ws.resource_id, rule_id, request.json() if request.body else None)
+                return _ok(status, rule)
+        except AlertRuleError as err:
+            raise _Reject(err.status, err.code, err.message) from err
+        except ValueError as exc:
+            raise _Reject(400, "BadRequest", f"The request body is not valid JSON: {exc}") from exc
+        raise _Reject(405, "MethodNotAllowed", f"{method} is not allowed on an alert rule.")
+
+    @staticmethod
+    def _require_version(version: str | None, allowed: tuple[str, ...], resource_type: str) -> None:
+        if version not in allowed:
+            raise _Reject(400, "NoRegisteredProviderFound" if version else "MissingApiVersionParameter",
+                          f"No registered resource provider found for API version '{version}' and type "
+                          f"'{resource_type}'. The supported api-versions are '{', '.join(allowed)}'.")
+
     def _check_api_version(self, request: EmuRequest) -> None:
         version = request.q("api-version")
         if not version:
@@ -419,6 +498,10 @@ class SentinelService:
             ws = self._workspaces[key]
             inc_name, sub, cid = inc_m.group("inc"), inc_m.group("sub"), inc_m.group("cid")
             method = request.method.upper()
+            verb = {"GET": "read", "PUT": "write", "DELETE": "delete"}.get(method)
+            if verb is not None:
+                target = "incidents/comments" if sub is not None and sub.lower() == "comments" else "incidents"
+                self._authorize(claims, f"{PROVIDER}/{target}/{verb}", ws.resource_id)
             if inc_name is None:
                 if method == "GET":
                     return self._list_incidents(ws, request)
@@ -818,6 +901,10 @@ class SentinelService:
                 },
             }
 
+    def set_alert_rule_enabled(self, rule_id: str, enabled: bool, *, workspace: str | None = None) -> None:
+        """An analyst enables or disables an analytics rule."""
+        self.alert_rules.set_enabled(self._workspace(workspace).resource_id, rule_id, enabled)
+
     # ------------------------------------------------------------------------------------------- control API
 
     def control(self, op: str, args: dict[str, Any]) -> Any:
@@ -830,7 +917,8 @@ class SentinelService:
             "comments": self.comments, "history": self.history, "deleted": self.deleted,
             "trigger_body": self.trigger_body, "write_counts": self.write_counts, "writes": self.writes,
             "reset_write_log": self.reset_write_log, "add_workspace": self.add_workspace,
-            "config": self._config,
+            "config": self._config, "assign_permissions": self.permissions.assign,
+            "set_alert_rule_enabled": self.set_alert_rule_enabled,
         }
         fn = ops.get(op)
         if fn is None:
