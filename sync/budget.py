@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 
 class BudgetExhausted(Exception):
@@ -38,3 +39,11 @@ class Deadline:
     @classmethod
     def unlimited(cls) -> Deadline:
         return cls(10.0**9)
+
+
+class Limiter(Protocol):
+    """A rate cap: ``acquire`` blocks until one more call fits, or raises :class:`BudgetExhausted` when the wait
+    would pass ``deadline`` (a per-process :class:`~sync.http.RateLimiter` or an app-wide
+    :class:`~sync.shared_budget.SharedRateBudget`)."""
+
+    def acquire(self, deadline: Deadline | None = None) -> None: ...

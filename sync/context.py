@@ -15,7 +15,8 @@ from .http import BearerSession, RateLimiter
 from .logs_sink import LogsSink
 from .sentinel import SentinelClient
 from .settings import Settings, load_settings, settings_fingerprint
-from .state import StateStore
+from .shared_budget import SharedRateBudget
+from .state import LEASES, StateStore
 
 
 class AppContext:
@@ -52,12 +53,16 @@ class AppContext:
 
     @property
     def sentinel(self) -> SentinelClient:
+        ledger = self.state.table(LEASES)  # outside the lock: ``state`` takes it too
         with self._lock:
             if self._sentinel is None:
                 s = self.settings
                 session = BearerSession(self.credentials.app(), s.arm_scope)
+                # One cap for the whole app, not per process: a queue fan-out runs many processes.
+                writes = SharedRateBudget(ledger, "sentinel-writes", s.sentinel_max_writes_per_minute,
+                                          block=max(1, s.sentinel_max_writes_per_minute // 60))
                 self._sentinel = SentinelClient(session, s.arm_endpoint, s.sentinel_workspace_id,
-                                                write_limiter=RateLimiter(s.sentinel_max_writes_per_minute))
+                                                write_limiter=writes)
             return self._sentinel
 
     def graph(self, tenant_id: str) -> GraphSecurityClient:

@@ -24,6 +24,7 @@ from .timeutil import format_time, parse_time, utcnow
 log = logging.getLogger(__name__)
 
 HEALTHY_LAG_SECONDS = 3600.0
+START_RESERVE_SECONDS = 2.0   # a tenant's turn starts only with this much budget left
 
 
 class TenantCycle(Protocol):
@@ -44,51 +45,104 @@ CycleFactory = Callable[[AppContext, TenantConfig, Deadline, datetime | None], T
 @traced_cycle  # sync.cycle span, a sync.tenant span per tenant, per-cycle metrics
 def run_cycle(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], deadline: Deadline,
               factory: CycleFactory, *, since: datetime | None = None) -> CycleSummary:
-    """Run ``factory``'s cycle for each tenant, round robin, until all are done or the budget is spent."""
+    """Run ``factory``'s cycle for each tenant, round robin, until all are done or the budget is spent.
+
+    Fair across runs too: each run starts with the tenant where the previous one stopped (a stored rotation), and a
+    tenant's cycle starts (lease, state read) only when its turn comes, so a short budget serves the tenants in turn
+    instead of the same first few every time.
+    """
     summary = CycleSummary(direction=direction, started_at=format_time(utcnow()))
-    cycles: list[TenantCycle] = []
-    active: list[TenantCycle] = []
-    for tenant in tenants:
-        try:
-            cycle = factory(ctx, tenant, deadline, since)
-            started = cycle.start()
-            cycles.append(cycle)
-            if started:
-                active.append(cycle)
-        except Exception as exc:  # one tenant's failure must not stop the others
-            log.exception("tenant cycle could not start", extra={"tenantId": tenant.tenant_id, "action": direction,
-                                                                  "outcome": "error"})
-            failed = TenantSummary(tenant_id=tenant.tenant_id, outcome="error", error=describe_error(exc))
-            summary.tenants.append(failed)
-    while active:
-        for cycle in list(active):
+    order = _rotation(ctx, direction, tenants)
+    cycles: dict[str, TenantCycle] = {}
+    done: set[str] = set()
+    stopped_at: str | None = None
+    while len(done) < len(order) and stopped_at is None:
+        for tenant in order:
+            tid = tenant.tenant_id
+            if tid in done:
+                continue
+            if deadline.remaining() <= START_RESERVE_SECONDS:
+                summary.budget_exhausted, stopped_at = True, tid
+                break
+            cycle = cycles.get(tid)
+            if cycle is None:
+                cycle, started = _start(ctx, tenant, deadline, since, factory, direction, summary)
+                if cycle is not None:
+                    cycles[tid] = cycle
+                if cycle is None or not started:
+                    done.add(tid)
+                    continue
             try:
                 more = cycle.step()
             except BudgetExhausted:
-                summary.budget_exhausted = True
-                more = None
+                summary.budget_exhausted, stopped_at = True, tid
+                break
             except Exception as exc:
                 log.warning("tenant cycle failed", exc_info=True,
-                            extra={"tenantId": cycle.summary.tenant_id, "action": direction, "outcome": "error"})
+                            extra={"tenantId": tid, "action": direction, "outcome": "error"})
                 _finish(cycle, "error", describe_error(exc))
-                active.remove(cycle)
+                done.add(tid)
                 continue
-            if more is None:
-                break
             if not more:
                 _finish(cycle, "success")
-                active.remove(cycle)
-        if summary.budget_exhausted:
-            break
-    for cycle in active:
-        _finish(cycle, "partial")
-    summary.tenants.extend(c.summary for c in cycles)
-    order = {t.tenant_id: i for i, t in enumerate(tenants)}
-    summary.tenants.sort(key=lambda t: order.get(t.tenant_id, 0))
+                done.add(tid)
+    for tid, cycle in cycles.items():
+        if tid not in done:
+            _finish(cycle, "partial")
+    summary.tenants.extend(c.summary for c in cycles.values())
+    reported = {t.tenant_id for t in summary.tenants}
+    for tenant in order:
+        if tenant.tenant_id not in reported:
+            summary.tenants.append(TenantSummary(tenant_id=tenant.tenant_id, outcome="not-started",
+                                                 error="the run's time budget was spent before this tenant's turn; "
+                                                       "it is served first next run"))
+    _save_rotation(ctx, direction, tenants, order, stopped_at)
+    position = {t.tenant_id: i for i, t in enumerate(tenants)}
+    summary.tenants.sort(key=lambda t: position.get(t.tenant_id, 0))
     summary.finished_at = format_time(utcnow())
     log.info("cycle finished", extra={"action": direction, "outcome": "budget-exhausted" if summary.budget_exhausted
                                       else "complete", "tenants": len(summary.tenants)})
     return summary
+
+
+def _start(ctx: AppContext, tenant: TenantConfig, deadline: Deadline, since: datetime | None,
+           factory: CycleFactory, direction: str, summary: CycleSummary) -> tuple[TenantCycle | None, bool]:
+    """Start one tenant's cycle: (the cycle, whether it has work to do). A failure is that tenant's summary, never
+    the run's end."""
+    try:
+        cycle = factory(ctx, tenant, deadline, since)
+        return cycle, cycle.start()
+    except Exception as exc:  # one tenant's failure must not stop the others
+        log.exception("tenant cycle could not start", extra={"tenantId": tenant.tenant_id, "action": direction,
+                                                              "outcome": "error"})
+        summary.tenants.append(TenantSummary(tenant_id=tenant.tenant_id, outcome="error", error=describe_error(exc)))
+        return None, False
+
+
+def _rotation(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig]) -> list[TenantConfig]:
+    """The tenants in configured order, rotated to start where the last run of this direction stopped."""
+    try:
+        first = ctx.state.get_marker("rotation", direction).get("next")
+    except Exception:  # fairness is best effort: a storage hiccup must not stop the run
+        log.warning("could not read the tenant rotation", exc_info=True, extra={"action": direction,
+                                                                                "outcome": "rotation-unread"})
+        first = None
+    ids = [t.tenant_id for t in tenants]
+    start = ids.index(first) if first in ids else 0
+    return list(tenants[start:]) + list(tenants[:start])
+
+
+def _save_rotation(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], order: list[TenantConfig],
+                   stopped_at: str | None) -> None:
+    """Remember where the next run starts: the tenant whose turn the budget cut, else the next one in line."""
+    if len(order) < 2:
+        return
+    following = stopped_at or order[1].tenant_id
+    try:
+        ctx.state.set_marker("rotation", direction, {"next": following})
+    except Exception:
+        log.warning("could not store the tenant rotation", exc_info=True, extra={"action": direction,
+                                                                                 "outcome": "rotation-unsaved"})
 
 
 def _finish(cycle: TenantCycle, outcome: str, error: str | None = None) -> None:

@@ -18,8 +18,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import requests
 
-from .budget import Deadline
-from .http import ApiError, BearerSession, CallStats, RateLimiter
+from .budget import Deadline, Limiter
+from .http import ApiError, BearerSession, CallStats
 from .timeutil import format_time
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class SentinelResponseError(ApiError):
     """Sentinel answered 2xx with a body that is not the resource it should be."""
 
 
+# NRT analytics rules (the defender-portal mirror rule) exist only in preview versions of the alertRules API.
+ALERT_RULES_API_VERSION = "2025-10-01-preview"
+
+
 class SentinelClient:
     """Incidents and comments of one Sentinel workspace.
 
@@ -55,7 +59,7 @@ class SentinelClient:
     API_VERSION = "2025-09-01"
 
     def __init__(self, session: BearerSession, arm_endpoint: str, workspace_id: str, *,
-                 write_limiter: RateLimiter | None = None) -> None:
+                 write_limiter: Limiter | None = None) -> None:
         self._session = session
         self._arm = arm_endpoint.rstrip("/")
         self.workspace_id = "/" + workspace_id.strip("/")
@@ -164,6 +168,41 @@ class SentinelClient:
             query["$filter"] = " and ".join(clauses)
         for item in self._pages(self._url("", query), "incident list", deadline):
             yield _incident(item, "incident list")
+
+    def list_incidents_created(self, since: datetime, *, deadline: Deadline,
+                               top: int = 200) -> Iterator[dict[str, Any]]:
+        """Incidents created at or after ``since``, oldest first (the defender-portal target's link listing)."""
+        if since.tzinfo is None:
+            raise ValueError("since must be timezone-aware")
+        query = {"$filter": f"properties/createdTimeUtc ge {format_time(since)}",
+                 "$orderby": "properties/createdTimeUtc asc", "$top": str(top)}
+        for item in self._pages(self._url("", query), "incident list", deadline):
+            yield _incident(item, "incident list")
+
+    def list_incident_alerts(self, name: str, *, deadline: Deadline) -> list[dict[str, Any]]:
+        """The incident's alerts (``POST .../incidents/{name}/alerts``: SecurityAlert entities with
+        ``properties.alertLink``)."""
+        response = self._session.request("POST", self._url(f"{_segment(name, 'incident name')}/alerts"),
+                                         deadline=deadline, ok=frozenset({200}))
+        value = _json(response, "incident alerts").get("value")
+        if not isinstance(value, list):
+            raise SentinelResponseError("Sentinel incident alerts: response has no 'value' array", 200)
+        return [a for a in value if isinstance(a, dict)]
+
+    def get_alert_rule(self, rule_id: str, *, deadline: Deadline) -> dict[str, Any] | None:
+        """An analytics rule, or None when it does not exist. NRT rules exist only in preview API versions."""
+        url = (f"{self._arm}{quote(self.workspace_id)}/providers/Microsoft.SecurityInsights/alertRules/"
+               f"{_segment(rule_id, 'rule id')}?api-version={ALERT_RULES_API_VERSION}")
+        try:
+            response = self._session.request("GET", url, deadline=deadline, ok=frozenset({200}))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return _json(response, "alert rule")
+
+    def rule_resource_id(self, rule_id: str) -> str:
+        return f"{self.workspace_id}/providers/Microsoft.SecurityInsights/alertRules/{rule_id}"
 
     # ------------------------------------------------------------------------------------------------ comments
 

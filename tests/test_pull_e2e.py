@@ -231,7 +231,8 @@ def test_sync_run_contract(two_tenants: Any) -> None:
     assert tenant["incidents"] == 60 and tenant["cursorBefore"] is None and tenant["cursorAfter"]
     # "since" re-reads once without moving the cursor back.
     cursor = tenant["cursorAfter"]
-    status, body = http("sync_run", body={"tenants": [tenants[1]], "since": format_time(datetime.now(UTC) - timedelta(days=30))})
+    since = format_time(datetime.now(UTC) - timedelta(days=30))
+    status, body = http("sync_run", body={"tenants": [tenants[1]], "since": since})
     assert status == 200 and body["tenants"][0]["cursorAfter"] >= cursor
     assert body["tenants"][0]["incidents"] == 0, "re-read versions are not ingested twice"
 
