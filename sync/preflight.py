@@ -33,6 +33,7 @@ from .budget import BudgetExhausted, Deadline
 from .context import AppContext
 from .http import ApiError, BearerSession, RetryPolicy, describe_error
 from .rows import STREAMS
+from .sentinel import ALERT_RULES_API_VERSION
 from .settings import Settings, TenantConfig
 from .state import ALL_TABLES
 from .timeutil import format_time, utcnow
@@ -44,8 +45,6 @@ ANSWER_SECONDS = 55.0             # the whole answer, however slow one tenant is
 MAX_CHECK_SECONDS = 50.0
 PERMISSIONS_API_VERSION = "2022-04-01"
 WORKSPACE_API_VERSION = "2025-02-01"
-# NRT analytics rules (the defender-portal mirror rule) exist only in preview versions of the alertRules API.
-ALERT_RULES_API_VERSION = "2025-10-01-preview"
 MIRROR_REQUESTS_STREAM = "Custom-DefenderMirrorRequests"
 
 INCIDENT_READ = "SecurityIncident.Read.All"
