@@ -53,3 +53,10 @@ def sync_run(req: func.HttpRequest) -> func.HttpResponse:
 def sync_status(req: func.HttpRequest) -> func.HttpResponse:
     """Per-tenant cursor, lag, last run and dead letters."""
     return handlers.sync_status(req)
+
+
+@app.function_name("sync_check")
+@app.route(route="sync/check", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
+def sync_check(req: func.HttpRequest) -> func.HttpResponse:
+    """Onboarding preflight: consent, roles, permissions, rule and storage, per tenant and shared; writes nothing."""
+    return handlers.sync_check(req)

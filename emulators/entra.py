@@ -77,6 +77,13 @@ class AppRegistration:
     federated_subjects: set[str] = field(default_factory=set)
     tenants: set[str] = field(default_factory=set)
     roles: list[str] = field(default_factory=lambda: list(DEFAULT_ROLES))
+    # Application roles an admin granted in one tenant (overrides ``roles`` there): consent is per tenant, and a
+    # customer may grant read-only roles while the MSSP expects ReadWrite.
+    tenant_roles: dict[str, list[str]] = field(default_factory=dict)
+
+    def roles_in(self, tenant_id: str) -> list[str]:
+        """The roles a token issued in ``tenant_id`` carries."""
+        return list(self.tenant_roles.get(tenant_id, self.roles))
 
     def object_id(self, tenant_id: str) -> str:
         """The service principal's object ID in ``tenant_id`` (stable per app and tenant)."""
@@ -178,6 +185,11 @@ class EntraState:
         """Consent ``client_id`` in ``tenant_id`` (admin consent for the multi-tenant app)."""
         with self.lock:
             self.apps[client_id].tenants.add(tenant_id)
+
+    def grant_roles(self, client_id: str, tenant_id: str, roles: list[str] | tuple[str, ...]) -> None:
+        """Set the application roles consented for ``client_id`` in ``tenant_id`` (tokens there carry exactly these)."""
+        with self.lock:
+            self.apps[client_id].tenant_roles[tenant_id] = list(roles)
 
     def revoke_consent(self, client_id: str, tenant_id: str) -> None:
         with self.lock:
@@ -353,7 +365,10 @@ class EntraService:
         resource = self._resource(form, v2, info.tenant_id)
         self._authenticate_client(form, app, info.tenant_id, base, tenant)
         lifetime = self.state.token_lifetime
-        claims = {"roles": list(app.roles), "app_displayname": app.display_name}
+        claims: dict[str, Any] = {"app_displayname": app.display_name}
+        roles = app.roles_in(info.tenant_id)
+        if roles:  # Entra omits the claim when no application role was granted
+            claims["roles"] = roles
         token = self.issuer.issue(info.tenant_id, resource, app.object_id(info.tenant_id), app.client_id,
                                   lifetime, extra_claims=claims)
         self.state.record(app.client_id, info.tenant_id, resource)

@@ -58,10 +58,13 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from .arm_rbac import PERMISSIONS_API_VERSION, ArmPermissions, authorization_failed
 from .base import EmuError, EmuRequest, EmuResponse, FaultPlan
 from .portal import PREVIEW_API_VERSION, AlertRuleStore
 
 API_VERSION = "2025-09-01"
+# NRT analytics rules exist only in preview versions of the REST API; alertRules accept both.
+WORKSPACE_API_VERSIONS = ("2022-10-01", "2023-09-01", "2025-02-01", "2025-07-01", "2026-03-01")
 PROVIDER = "Microsoft.SecurityInsights"
 NATIVE_PROVIDER_NAME = "Azure Sentinel"
 XDR_PROVIDER_NAME = "Microsoft XDR"
@@ -91,7 +94,13 @@ _WS_RE = re.compile(
     r"/providers/microsoft\.securityinsights/(?P<rest>.*?)/?$",
     re.IGNORECASE,
 )
-_ALERT_RULE_RE = re.compile(r"^alertrules/([^/]+)$", re.IGNORECASE)
+_WS_EXTRA_RE = re.compile(    # the workspace itself, and the caller's permissions on it
+    r"^(?P<ws>/subscriptions/(?P<sub>[^/]+)/resourcegroups/(?P<rg>[^/]+)/providers/"
+    r"microsoft\.operationalinsights/workspaces/(?P<wsname>[^/]+))"
+    r"(?P<perm>/providers/microsoft\.authorization/permissions)?/?$",
+    re.IGNORECASE,
+)
+_ALERT_RULE_RE = re.compile(r"^alertrules/(?P<rule>[^/]+)$", re.IGNORECASE)
 _INCIDENT_RE = re.compile(
     r"^incidents(?:/(?P<inc>[^/]+)(?:/(?P<sub>[^/]+)(?:/(?P<cid>[^/]+))?)?)?$", re.IGNORECASE)
 _CLAUSE_RE = re.compile(
@@ -266,6 +275,7 @@ class SentinelService:
         self.unified_portal = False
         self.alert_rules = AlertRuleStore(self._lock)
         self.portal: Any = None
+        self.permissions = ArmPermissions()      # RBAC on the workspace, per principal (default: Sentinel Responder)
 
     # ------------------------------------------------------------------------------------------- workspaces & clock
 
@@ -378,6 +388,9 @@ class SentinelService:
                     raise ConnectionAbortedError("injected fault: drop the connection")
         try:
             claims = self._authenticate(request)
+            extra = self._route_workspace(request, claims)
+            if extra is not None:
+                return extra
             self._check_api_version(request)
             return self._route(request, claims)
         except _Reject as rej:
@@ -406,6 +419,47 @@ class SentinelService:
             raise _Reject(401, code, message,
                           {"WWW-Authenticate": 'Bearer authorization_uri="https://login.microsoftonline.com/", '
                                                'error="invalid_token"'}) from exc
+
+    def _authorize(self, claims: dict[str, Any], action: str, scope: str) -> None:
+        """403 AuthorizationFailed unless the caller's role assignments allow ``action`` (strict, as ARM is)."""
+        principal = str(claims.get("oid") or "")
+        if self.verifier is not None and not self.permissions.allows(principal, action):
+            body = authorization_failed(principal, action, scope)["error"]
+            raise _Reject(403, body["code"], body["message"])
+
+    def _route_workspace(self, request: EmuRequest, claims: dict[str, Any]) -> EmuResponse | None:
+        """The workspace GET and the caller's permissions on it; None for the incidents and alertRules APIs."""
+        extra = _WS_EXTRA_RE.match(request.path)
+        if extra is None:
+            return None
+        with self._lock:
+            ws = self._workspaces.get(extra.group("ws").lower())
+        if ws is None:
+            raise _Reject(404, "ResourceNotFound",
+                          f"The Resource 'Microsoft.OperationalInsights/workspaces/{extra.group('wsname')}' under "
+                          f"resource group '{extra.group('rg')}' was not found.")
+        version = request.q("api-version")
+        method = request.method.upper()
+        if extra.group("perm"):
+            self._require_version(version, (PERMISSIONS_API_VERSION,), "Microsoft.Authorization/permissions")
+            if method != "GET":
+                raise _Reject(405, "MethodNotAllowed", f"{method} is not allowed on permissions.")
+            return _ok(200, self.permissions.list_body(str(claims.get("oid") or "")))
+        self._require_version(version, WORKSPACE_API_VERSIONS, "Microsoft.OperationalInsights/workspaces")
+        if method != "GET":
+            raise _Reject(405, "MethodNotAllowed", f"{method} on the workspace is not emulated.")
+        self._authorize(claims, "Microsoft.OperationalInsights/workspaces/read", ws.resource_id)
+        return _ok(200, {"id": ws.resource_id, "name": ws.name, "type": "Microsoft.OperationalInsights/workspaces",
+                         "location": "westeurope", "properties": {"customerId": ws.guid,
+                                                                  "provisioningState": "Succeeded",
+                                                                  "retentionInDays": 90}})
+
+    @staticmethod
+    def _require_version(version: str | None, allowed: tuple[str, ...], resource_type: str) -> None:
+        if version not in allowed:
+            raise _Reject(400, "NoRegisteredProviderFound" if version else "MissingApiVersionParameter",
+                          f"No registered resource provider found for API version '{version}' and type "
+                          f"'{resource_type}'. The supported api-versions are '{', '.join(allowed)}'.")
 
     def _check_api_version(self, request: EmuRequest) -> None:
         version = request.q("api-version")
@@ -436,8 +490,10 @@ class SentinelService:
                 self.add_workspace(m.group("ws"))
             ws = self._workspaces[key]
             if rule_m:
+                verb = "read" if request.method.upper() == "GET" else "write"
+                self._authorize(claims, f"{PROVIDER}/alertRules/{verb}", ws.resource_id)
                 try:
-                    status, body = self.alert_rules.handle(ws.resource_id, rule_m.group(1), request.method.upper(),
+                    status, body = self.alert_rules.handle(ws.resource_id, rule_m.group("rule"), request.method.upper(),
                                                            request.q("api-version"), _json_or_none(request),
                                                            self._tick())
                 except EmuError as err:
@@ -446,6 +502,10 @@ class SentinelService:
             assert inc_m is not None
             inc_name, sub, cid = inc_m.group("inc"), inc_m.group("sub"), inc_m.group("cid")
             method = request.method.upper()
+            verb = {"GET": "read", "PUT": "write", "DELETE": "delete"}.get(method)
+            if verb is not None:
+                target = "incidents/comments" if sub is not None and sub.lower() == "comments" else "incidents"
+                self._authorize(claims, f"{PROVIDER}/{target}/{verb}", ws.resource_id)
             if inc_name is None:
                 if method == "GET":
                     return self._list_incidents(ws, request)
@@ -943,6 +1003,7 @@ class SentinelService:
             "trigger_body": self.trigger_body, "write_counts": self.write_counts, "writes": self.writes,
             "reset_write_log": self.reset_write_log, "add_workspace": self.add_workspace,
             "config": self._config, "portal": self._portal_control,
+            "assign_permissions": self.permissions.assign,
         }
         fn = ops.get(op)
         if fn is None:

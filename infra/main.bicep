@@ -69,10 +69,14 @@ param sentinelWorkspaceLocation string
 @description('Resource ID of an existing Log Analytics workspace for Application Insights (it may be the Sentinel workspace). Empty: a new workspace is created in the app resource group.')
 param appInsightsWorkspaceResourceId string = ''
 
-@minValue(0)
+@description('true: the custom tables keep data for tableRetentionInDays; false: the workspace default retention.')
+param tableRetentionOverride bool = false
+
+// The tables API accepts 4-730 days (-1: the workspace default); 1-3 used to pass here and fail at deployment.
+@minValue(4)
 @maxValue(730)
-@description('Interactive retention in days of the three custom tables. 0: the workspace default.')
-param tableRetentionInDays int = 0
+@description('Interactive retention in days of the custom tables, used when tableRetentionOverride is true (4-730).')
+param tableRetentionInDays int = 90
 
 // ---------------------------------------------------------------------------------------------------------------
 // Defender tenants and credentials
@@ -284,7 +288,7 @@ var mirrorRuleId = guid(sentinelWorkspaceResourceId, 'defender-sync-mirror-rule'
 // ---------------------------------------------------------------------------------------------------------------
 // Resources
 
-resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+resource rg 'Microsoft.Resources/resourceGroups@2025-04-01' = {
   name: appResourceGroupName
   location: location
   tags: allTags
@@ -309,6 +313,7 @@ module workspace 'modules/workspace.bicep' = {
     tags: allTags
     dataCollectionRuleName: 'dcr-defender-sync-${resourceToken}'
     appPrincipalId: identity.outputs.principalId
+    tableRetentionOverride: tableRetentionOverride
     tableRetentionInDays: tableRetentionInDays
     deployMirrorRequests: portalMirror
   }
@@ -463,3 +468,6 @@ output SENTINEL_PLAYBOOK_ID string = deploySentinelAutomation ? playbook.outputs
 output SENTINEL_AUTOMATION_RULE_ID string = deploySentinelAutomation ? automation.outputs.automationRuleId : ''
 output SYNC_MIRROR_TARGET string = mirrorTarget
 output SYNC_MIRROR_RULE_ID string = portalMirror ? mirrorRuleId : ''
+// An empty sentinelAutomationPrincipalObjectId skips the Automation Contributor role: the automation rule then cannot
+// run the playbook and Sentinel edits reach Defender only through the reconcile timer. Say so instead of staying silent.
+output DEPLOYMENT_WARNING string = (deploySentinelAutomation && empty(sentinelAutomationPrincipalObjectId)) ? 'sentinelAutomationPrincipalObjectId is empty, so the Azure Security Insights service principal did not get Microsoft Sentinel Automation Contributor on resource group ${rg.name}: the automation rule cannot run the playbook until you grant it (Microsoft Sentinel > Settings > Playbook permissions, or redeploy with the parameter; see docs/OPERATIONS.md).' : ''

@@ -167,6 +167,27 @@ def sync_status(req: func.HttpRequest) -> func.HttpResponse:
     return json_response(body)
 
 
+def sync_check(req: func.HttpRequest) -> func.HttpResponse:
+    """GET sync/check[?timeout=<seconds per check>]: the onboarding preflight; writes nothing, 200 with "ok"."""
+    from .preflight import DEFAULT_CHECK_SECONDS, MAX_CHECK_SECONDS, run_checks
+
+    try:
+        ctx = _context_or_error()
+        raw = req.params.get("timeout")
+        seconds = DEFAULT_CHECK_SECONDS
+        if raw is not None:
+            try:
+                seconds = float(raw)
+            except ValueError:
+                seconds = -1.0
+            if not 1 <= seconds <= MAX_CHECK_SECONDS:
+                raise RequestError(400, "invalid_timeout", f"timeout must be the seconds each check may take, "
+                                                           f"between 1 and {MAX_CHECK_SECONDS:g}; got {raw[:32]!r}")
+    except RequestError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    return json_response(run_checks(ctx, seconds).to_dict())
+
+
 def _requested_tenants(ctx: AppContext, raw: object) -> list[TenantConfig]:
     if raw is None:
         return list(ctx.settings.tenants)

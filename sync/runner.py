@@ -17,6 +17,7 @@ from .context import AppContext
 from .http import describe_error
 from .models import CycleSummary, TenantSummary
 from .settings import TenantConfig
+from .state import DeadLetter
 from .telemetry import traced_cycle
 from .timeutil import format_time, parse_time, utcnow
 
@@ -60,7 +61,7 @@ def run_cycle(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], 
             tid = tenant.tenant_id
             if tid in done:
                 continue
-            if deadline.remaining() <= START_RESERVE_SECONDS:
+            if deadline.expired(deadline.reserve(START_RESERVE_SECONDS)):
                 summary.budget_exhausted, stopped_at = True, tid
                 break
             cycle = cycles.get(tid)
@@ -156,7 +157,8 @@ def _finish(cycle: TenantCycle, outcome: str, error: str | None = None) -> None:
 
 
 def status(ctx: AppContext) -> dict[str, Any]:
-    """The ``sync_status`` JSON: per-tenant cursor, lag, last run and dead letters."""
+    """The ``sync_status`` JSON: per-tenant cursor, lag, last run, the reconcile's health, the mirrors waiting and
+    the dead letters (total, given up, by kind)."""
     now = utcnow()
     tenants: list[dict[str, Any]] = []
     healthy = True
@@ -167,12 +169,36 @@ def status(ctx: AppContext) -> dict[str, Any]:
         last = state.last_run or {}
         last_run = {"startedAt": last.get("startedAt"), "finishedAt": last.get("finishedAt"),
                     "outcome": last.get("outcome")} if last else None
-        ok = lag is not None and lag <= HEALTHY_LAG_SECONDS and last.get("outcome") != "error"
+        reconcile = reconcile_health(ctx.state.get_marker("reconcile", tenant.tenant_id))
+        by_kind: dict[str, int] = {}
+        for letter in letters:
+            by_kind[letter.kind] = by_kind.get(letter.kind, 0) + 1
+        ok = (lag is not None and lag <= HEALTHY_LAG_SECONDS and last.get("outcome") != "error"
+              and reconcile["healthy"])
         healthy = healthy and ok
         tenants.append({
             "tenantId": tenant.tenant_id, "name": tenant.name, "mode": tenant.mode, "cursor": state.cursor,
             "lagSeconds": round(lag, 1) if lag is not None else None, "lastRun": last_run,
             "deadLetters": len(letters), "deadLettersGivenUp": sum(1 for d in letters if d.given_up),
-            "healthy": ok,
+            "deadLettersByKind": by_kind, "mirrorsWaiting": mirrors_waiting(letters),
+            "reconcile": reconcile, "healthy": ok,
         })
     return {"healthy": healthy, "checkedAt": format_time(now), "tenants": tenants}
+
+
+def reconcile_health(marker: dict[str, Any]) -> dict[str, Any]:
+    """The reconcile's last run (``lastRun`` of its marker, see ``ReconcileCycle.finish``) and whether it is healthy
+    (never run yet counts as healthy: a new tenant has nothing to reconcile)."""
+    last = marker.get("lastRun") if isinstance(marker.get("lastRun"), dict) else None
+    outcome = last.get("outcome") if last else None
+    return {"lastRun": {"finishedAt": last.get("finishedAt"), "outcome": outcome} if last else None,
+            "cursor": marker.get("cursor"), "healthy": outcome != "error"}
+
+
+def mirrors_waiting(letters: Sequence[DeadLetter]) -> int:
+    """Mirrors not yet in Sentinel: the pending (not given up) dead letters of kind ``mirror``.
+
+    Hook for ``SYNC_MIRROR_TARGET=defender-portal``: add the mirror requests still queued behind the rate cap (the
+    request backlog) here, so the status shows every incident that has no Sentinel incident yet.
+    """
+    return sum(1 for d in letters if d.kind == "mirror" and not d.given_up)

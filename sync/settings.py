@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 Mode = Literal["sync", "pull-only", "data-only"]
 ConflictPolicy = Literal["latest", "defender", "sentinel"]
 Fanout = Literal["inline", "queue"]
+MirrorTarget = Literal["sentinel-api", "defender-portal"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ SETTING_NAMES = (
     "SYNC_TIME_BUDGET_SECONDS", "GRAPH_MAX_REQUESTS_PER_MINUTE", "SENTINEL_MAX_WRITES_PER_MINUTE",
     "SYNC_CONFLICT_POLICY", "SYNC_OWNER_MAP", "WEBHOOK_MAX_BODY_BYTES", "SYNC_FANOUT", "SYNC_QUEUE",
     "DEFENDER_PULL_SCHEDULE", "SENTINEL_RECONCILE_SCHEDULE", "SYNC_GRAPH_PAGE_SIZE", "AZURE_CLIENT_ID",
+    "SYNC_MIRROR_TARGET", "SYNC_MIRROR_RULE_ID", "SYNC_MIRROR_REQUESTS_PER_MINUTE",
 )
 # Settings that hold credentials: never logged, never echoed in an error.
 SECRET_SETTINGS = frozenset({"DEFENDER_CLIENT_SECRET", "DEFENDER_CLIENT_CERTIFICATE", "AzureWebJobsStorage",
@@ -130,6 +132,9 @@ class Settings:
     app_client_id: str | None = None
     #: Accepted but doubtful values (e.g. a serviceSource this version does not know), logged at start-up.
     warnings: tuple[str, ...] = ()
+    mirror_target: MirrorTarget = "sentinel-api"
+    mirror_rule_id: str | None = None           # the mirror analytics rule's name (GUID), with defender-portal
+    mirror_requests_per_minute: int = 25
 
     @property
     def graph_scope(self) -> str:
@@ -198,6 +203,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not _QUEUE.match(queue):
         problems.append(f"SYNC_QUEUE must be a Storage queue name (3-63 lower-case letters, digits and single "
                         f"hyphens); got {queue!r}.")
+    mirror_target = reader.choice("SYNC_MIRROR_TARGET", ("sentinel-api", "defender-portal"), "sentinel-api")
+    rule_id = reader.optional("SYNC_MIRROR_RULE_ID")
+    if rule_id is not None and not _GUID.match(rule_id):
+        problems.append(f"SYNC_MIRROR_RULE_ID must be the mirror analytics rule's resource name, a GUID like "
+                        f"00000000-0000-0000-0000-000000000000; got {rule_id!r}.")
+    if mirror_target == "defender-portal" and rule_id is None:
+        problems.append("SYNC_MIRROR_RULE_ID is missing: SYNC_MIRROR_TARGET=defender-portal needs the resource name "
+                        "(GUID) of the mirror analytics rule the infra deploys (the deployment's mirrorRuleId output).")
     settings = Settings(
         tenants=tenants,
         defender_client_id=client_id.lower() if client_id else None,
@@ -227,6 +240,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         graph_page_size=int(reader.number("SYNC_GRAPH_PAGE_SIZE", 50, 1, 50, True)),
         app_client_id=reader.optional("AZURE_CLIENT_ID"),
         warnings=tuple(reader.warnings),
+        mirror_target=mirror_target,  # type: ignore[arg-type]
+        mirror_rule_id=rule_id.lower() if rule_id else None,
+        mirror_requests_per_minute=int(reader.number("SYNC_MIRROR_REQUESTS_PER_MINUTE", 25, 1, 30, True)),
     )
     if problems:
         raise SettingsError(problems)

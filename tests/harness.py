@@ -32,12 +32,13 @@ def run_queue(body: str | bytes) -> None:
 
 
 def http(name: str, method: str = "POST", body: Any = None, *, raw: bytes | None = None,
-         content_type: str | None = "application/json", route: str = "") -> tuple[int, Any]:
+         content_type: str | None = "application/json", route: str = "",
+         params: dict[str, str] | None = None) -> tuple[int, Any]:
     """Invoke an HTTP function; returns (status, parsed JSON or text)."""
     payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode("utf-8"))
     headers = {"content-type": content_type} if content_type else {}
     request = func.HttpRequest(method=method, url=f"https://app.local/api/{route or name}", headers=headers,
-                               params={}, route_params={}, body=payload)
+                               params=params or {}, route_params={}, body=payload)
     response = functions()[name](request)
     text = response.get_body().decode("utf-8")
     try:

@@ -68,6 +68,10 @@ UNSET_ON_PURPOSE = {
     "DEFENDER_CLIENT_CERTIFICATE_PATH": "a file path for local runs; in Azure the certificate arrives as the Key Vault "
                                         "reference DEFENDER_CLIENT_CERTIFICATE",
     "SYNC_STATE_STORAGE": "optional separate state account; the state lives in AzureWebJobsStorage by default",
+    # Defaults apply (sentinel-api); the defender-portal infra sets them with its mirror rule.
+    "SYNC_MIRROR_TARGET": "defaults to sentinel-api",
+    "SYNC_MIRROR_RULE_ID": "only with defender-portal",
+    "SYNC_MIRROR_REQUESTS_PER_MINUTE": "defaults to 25",
 }
 IDENTITY_STORAGE_SETTINGS = ("AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId",
                              "AzureWebJobsStorage__blobServiceUri", "AzureWebJobsStorage__queueServiceUri",
@@ -1029,3 +1033,180 @@ def test_mirror_rule_properties_exist_in_the_azure_type_definitions() -> None:
     props["query"] = "DefenderMirrorRequests_CL"           # loadTextContent(...) stands for a string
     props["displayName"] = "name"                          # a parameter
     check(props, nrt, "properties")
+# API versions: GA only (except the NRT mirror rule), the newest in Azure's type data, every property known to it
+
+AZURE_TYPES = Path("/work/shared/reference/azure-types")
+if not AZURE_TYPES.is_dir():  # pragma: no cover - a checkout next to the shared reference
+    AZURE_TYPES = ROOT.parent / "shared" / "reference" / "azure-types"
+# Bicep keywords of a resource body that are not properties of the resource type.
+BICEP_KEYWORDS = {"parent", "scope", "dependsOn"}
+# pycep expression nodes (a value computed by Bicep, not an object literal to check property by property).
+EXPRESSION_KEYS = {"function", "operator", "property_name", "interpolation", "ternary", "for", "condition"}
+
+
+def all_resources() -> list[tuple[str, str, dict[str, Any]]]:
+    """(file name, symbolic name, parsed resource) of every resource declared (or referenced) in infra/."""
+    found = []
+    for path in BICEP_FILES:
+        for name, attrs in (parse(path).get("resources") or {}).items():
+            found.append((path.name, name, attrs))
+    return found
+
+
+def preview_versions(resources: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+    """Resources on a preview API version, except the NRT mirror rule (NRT exists only in preview versions)."""
+    previews = []
+    for file, name, attrs in resources:
+        if "preview" not in attrs["api_version"]:
+            continue
+        nrt_rule = attrs["type"].lower() == "microsoft.securityinsights/alertrules" and body(attrs).get("kind") == "NRT"
+        if not nrt_rule:
+            previews.append(f"{file}: {name} {attrs['type']}@{attrs['api_version']}")
+    return previews
+
+
+def test_no_resource_uses_a_preview_api_version_except_the_nrt_mirror_rule() -> None:
+    assert not preview_versions(all_resources())
+
+
+def test_the_preview_check_fails_on_a_preview_version_and_spares_only_an_nrt_rule(tmp_path: Path) -> None:
+    text = (MODULES / "workspace.bicep").read_text(encoding="utf-8")
+    assert "workspaces/savedSearches@2026-03-01" in text
+    text = text.replace("workspaces/savedSearches@2026-03-01", "workspaces/savedSearches@2025-07-01-preview", 1)
+    rules = """
+resource nrt 'Microsoft.SecurityInsights/alertRules@2025-10-01-preview' = {
+  scope: workspace
+  name: 'a'
+  kind: 'NRT'
+  properties: {}
+}
+resource scheduled 'Microsoft.SecurityInsights/alertRules@2025-10-01-preview' = {
+  scope: workspace
+  name: 'b'
+  kind: 'Scheduled'
+  properties: {}
+}
+"""
+    (tmp_path / "w.bicep").write_text(text + rules, encoding="utf-8")
+    parsed = _parser().parse(file_path=tmp_path / "w.bicep")
+    found = preview_versions([("w.bicep", n, a) for n, a in parsed["resources"].items()])
+    assert found == [
+        "w.bicep: incidentsLatest Microsoft.OperationalInsights/workspaces/savedSearches@2025-07-01-preview",
+        "w.bicep: scheduled Microsoft.SecurityInsights/alertRules@2025-10-01-preview"], found
+
+
+@cache
+def _versions() -> dict[str, list[str]]:
+    data: dict[str, list[str]] = json.loads((AZURE_TYPES / "versions.json").read_text(encoding="utf-8"))
+    return {k.lower(): v for k, v in data.items()}
+
+
+def test_every_resource_uses_the_newest_ga_version_in_the_type_data() -> None:
+    if not AZURE_TYPES.is_dir():
+        pytest.skip("the Azure type data (shared/reference/azure-types) is not here")
+    behind = []
+    for file, name, attrs in all_resources():
+        versions = _versions().get(attrs["type"].lower())
+        ga = sorted(v for v in versions or [] if "preview" not in v)
+        if ga and "preview" not in attrs["api_version"] and attrs["api_version"] != ga[-1]:
+            behind.append(f"{file}: {name} {attrs['type']}@{attrs['api_version']} (newest GA {ga[-1]})")
+    assert not behind, behind
+
+
+@cache
+def _resource_type(type_name: str, version: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """(type nodes, the resource body node) of ``type@version`` in the type data, or None when absent."""
+    namespace = type_name.split("/")[0]
+    for path in sorted((AZURE_TYPES / namespace / version).glob("types*.json")):
+        nodes = json.loads(path.read_text(encoding="utf-8"))
+        for node in nodes:
+            if node.get("$type") == "ResourceType" and node.get("name", "").lower() == f"{type_name}@{version}".lower():
+                return nodes, node["body"]
+    return None
+
+
+def _resolve(nodes: list[dict[str, Any]], ref: dict[str, Any]) -> dict[str, Any]:
+    return nodes[int(ref["$ref"].split("/")[-1])] if "$ref" in ref else ref
+
+
+def _unknown_properties(nodes: list[dict[str, Any]], type_ref: dict[str, Any], value: Any, path: str) -> list[str]:
+    """Property paths in ``value`` (an object literal of the Bicep) that the type does not declare."""
+    node = _resolve(nodes, type_ref)
+    kind = node.get("$type")
+    if kind == "AnyType" or value is None:
+        return []
+    if kind == "UnionType":
+        results = [_unknown_properties(nodes, e, value, path) for e in node["elements"]]
+        return min(results, key=len)
+    if kind == "ArrayType":
+        if not isinstance(value, list):
+            return []
+        return [p for i, item in enumerate(value) for p in _unknown_properties(nodes, node["itemType"], item,
+                                                                                  f"{path}[{i}]")]
+    if not isinstance(value, dict) or set(value) & EXPRESSION_KEYS:
+        return []
+    if kind == "DiscriminatedObjectType":
+        props = dict(node.get("baseProperties") or {})
+        chosen = value.get(node["discriminator"])
+        for key, element in (node.get("elements") or {}).items():
+            if chosen is None or str(chosen) == key:
+                props.update(_resolve(nodes, element).get("properties") or {})
+        node = {"$type": "ObjectType", "properties": props}
+    if node.get("$type") != "ObjectType":
+        return []
+    declared = {k.lower(): v for k, v in (node.get("properties") or {}).items()}
+    extra = node.get("additionalProperties")
+    unknown = []
+    for key, item in value.items():
+        key = unquote(str(key))
+        if not path and key in BICEP_KEYWORDS:
+            continue
+        prop = declared.get(key.lower())
+        if prop is None:
+            if extra is None:
+                unknown.append(f"{path}{key}")
+            continue
+        unknown += _unknown_properties(nodes, prop["type"], item, f"{path}{key}.")
+    return unknown
+
+
+def test_every_property_the_bicep_sets_exists_in_the_type_of_its_api_version() -> None:
+    if not AZURE_TYPES.is_dir():
+        pytest.skip("the Azure type data (shared/reference/azure-types) is not here")
+    problems, checked = [], 0
+    for file, name, attrs in all_resources():
+        if attrs.get("existing"):
+            continue
+        found = _resource_type(attrs["type"], attrs["api_version"])
+        if found is None:
+            problems.append(f"{file}: {name}: no type data for {attrs['type']}@{attrs['api_version']}")
+            continue
+        nodes, body_ref = found
+        checked += 1
+        for unknown in _unknown_properties(nodes, body_ref, body(attrs), ""):
+            if not (attrs["type"] == "Microsoft.Web/connections" and unknown == "properties.parameterValueType"):
+                problems.append(f"{file}: {name} ({attrs['type']}@{attrs['api_version']}): {unknown}")
+    assert checked > 20
+    assert not problems, problems
+
+
+def test_table_retention_refuses_what_the_tables_api_refuses() -> None:
+    """The tables API takes 4-730 days (-1: workspace default): 1-3 must fail at the parameter, not mid-deployment."""
+    for document in (parse(MAIN), module("workspace.bicep")):
+        param = document["parameters"]["tableRetentionInDays"]
+        assert (decorator(param, "min_value"), decorator(param, "max_value")) == (4, 730)
+        assert 4 <= param["default"] <= 730
+        assert param_default(document, "tableRetentionOverride") is False   # default: the workspace's retention
+    retention = module("workspace.bicep")["variables"]["retention"]["value"]
+    assert render(retention) == "conditional(tableRetentionOverride, tableRetentionInDays, null)", render(retention)
+
+
+def test_an_empty_automation_principal_is_reported_by_the_deployment() -> None:
+    output = parse(MAIN)["outputs"]["DEPLOYMENT_WARNING"]["value"]
+    condition = render(output["operator"]["operands"]["condition"])
+    assert "deploySentinelAutomation" in condition and "empty(sentinelAutomationPrincipalObjectId)" in condition
+    message = output["operator"]["operands"]["true_value"]
+    assert "Automation Contributor" in message and "docs/OPERATIONS.md" in message
+    assert output["operator"]["operands"]["false_value"] == ""
+    operations = (ROOT / "docs" / "OPERATIONS.md").read_text(encoding="utf-8")
+    assert "DEPLOYMENT_WARNING" in operations and "Automation Contributor" in operations

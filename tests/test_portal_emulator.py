@@ -3,6 +3,7 @@ test advances the rule's clock, and incidents and their alerts come out of the r
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from datetime import UTC, datetime
@@ -202,6 +203,12 @@ def test_incidents_created_through_the_api_are_invisible_in_portal_mode(portal: 
 
 
 def test_alert_rules_api(portal: EmulatorHub) -> None:
+    token = ManagedIdentityCredential().get_token(f"{portal.endpoints.arm}/.default").token  # type: ignore[union-attr]
+    oid = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "==="))["oid"]
+    responder_put = arm(portal, "PUT", "alertRules/other", body={"kind": "Scheduled", "properties": {}})
+    assert responder_put.status_code == 403, "Sentinel Responder (the app's role) may not write analytics rules"
+    portal.sentinel.permissions.assign(oid, ["Microsoft.SecurityInsights/*",
+                                             "Microsoft.OperationalInsights/workspaces/read"])
     got = arm(portal, "GET", f"alertRules/{RULE_ID}")
     assert got.status_code == 200 and got.json()["kind"] == "NRT"
     assert got.json()["id"] == rule_resource_id(portal) and got.json()["properties"]["enabled"] is True

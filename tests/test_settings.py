@@ -172,3 +172,29 @@ def test_min_severity_stays_a_closed_set() -> None:
     # Severity is Graph's closed alertSeverity set: an unknown value is a typo, and a rank cannot be guessed for it.
     problems = problems_of(base_env(SYNC_TENANTS=json.dumps({T1: {"minSeverity": "critical"}})))
     assert any("minSeverity must be one of" in p for p in problems)
+# ---------------------------------------------------------------------------------------------------------------
+# Mirror target (defender-portal): the target, its rule and its request cap
+
+
+def test_mirror_target_defaults_to_the_sentinel_api() -> None:
+    s = load_settings(base_env())
+    assert (s.mirror_target, s.mirror_rule_id, s.mirror_requests_per_minute) == ("sentinel-api", None, 25)
+
+
+def test_defender_portal_reads_its_rule_and_cap() -> None:
+    rule = "55555555-5555-5555-5555-55555555AAAA"
+    s = load_settings(base_env(SYNC_MIRROR_TARGET="Defender-Portal", SYNC_MIRROR_RULE_ID=rule,
+                               SYNC_MIRROR_REQUESTS_PER_MINUTE="30"))
+    assert (s.mirror_target, s.mirror_rule_id, s.mirror_requests_per_minute) == \
+        ("defender-portal", rule.lower(), 30)
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"SYNC_MIRROR_TARGET": "portal"}, "SYNC_MIRROR_TARGET must be one of sentinel-api, defender-portal"),
+    ({"SYNC_MIRROR_TARGET": "defender-portal"}, "SYNC_MIRROR_RULE_ID is missing"),
+    ({"SYNC_MIRROR_RULE_ID": "mirror-rule"}, "SYNC_MIRROR_RULE_ID must be the mirror analytics rule's"),
+    ({"SYNC_MIRROR_REQUESTS_PER_MINUTE": "31"}, "SYNC_MIRROR_REQUESTS_PER_MINUTE must be between 1 and 30"),
+    ({"SYNC_MIRROR_REQUESTS_PER_MINUTE": "0"}, "SYNC_MIRROR_REQUESTS_PER_MINUTE must be between 1 and 30"),
+])
+def test_bad_mirror_settings_are_named(overrides: dict[str, str], fragment: str) -> None:
+    assert any(fragment in p for p in problems_of(base_env(**overrides))), problems_of(base_env(**overrides))

@@ -54,7 +54,7 @@ var actionGroups = empty(alertEmailAddress) ? alertActionGroupIds : concat(alert
 
 // Lag: latest lag per tenant plus the time since it was reported, so a tenant whose cycles stopped reporting
 // keeps growing towards the threshold instead of going quiet. The one-day window bounds that look-back.
-resource lagAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+resource lagAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: 'defender-sync-lag-${resourceToken}'
   location: location
   tags: tags
@@ -104,7 +104,7 @@ resource lagAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
 }
 
 // Dead letters: new dead letters per tenant in the last 15 minutes (counter increments, or dead-letter traces).
-resource deadLetterAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+resource deadLetterAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: 'defender-sync-dead-letters-${resourceToken}'
   location: location
   tags: tags

@@ -132,13 +132,13 @@ var storageAccountName = 'st${resourceToken}'
 var deploymentContainerName = 'app-package-${resourceToken}'
 var createWorkspace = empty(appInsightsWorkspaceResourceId)
 
-resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' existing = {
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2024-11-30' existing = {
   name: identityName
 }
 
 // ----- Storage: AzureWebJobsStorage, deployment package, state tables, fan-out queue. Identity access only.
 
-resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+resource storage 'Microsoft.Storage/storageAccounts@2026-04-01' = {
   // checkov:skip=CKV_AZURE_35: The network default stays Allow: Flex Consumption without VNet integration reaches the account over its public endpoint (no fixed egress addresses); access is Entra ID only (allowSharedKeyAccess false).
   // checkov:skip=CKV_AZURE_59: Public network access is required for the same reason as CKV_AZURE_35.
   // checkov:skip=CKV_AZURE_43: The name is 'st' + uniqueString() (13 lower-case letters and digits), 15 characters and valid; checkov cannot evaluate the interpolation.
@@ -188,12 +188,12 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   }
 }
 
-resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2026-04-01' = {
   parent: storage
   name: 'default'
 }
 
-resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2026-04-01' = {
   parent: blobService
   name: deploymentContainerName
   properties: {
@@ -201,25 +201,25 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   }
 }
 
-resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
+resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2026-04-01' = {
   parent: storage
   name: 'default'
 }
 
-resource workQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+resource workQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2026-04-01' = {
   parent: queueService
   name: queueName
 }
 
 // The Functions host moves a message here after maxDequeueCount failed attempts (host.json).
-resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2026-04-01' = {
   parent: queueService
   name: '${queueName}-poison'
 }
 
 // ----- Application Insights on an existing or new workspace; local (instrumentation key) auth off.
 
-resource logWorkspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' = if (createWorkspace) {
+resource logWorkspace 'Microsoft.OperationalInsights/workspaces@2026-03-01' = if (createWorkspace) {
   name: 'log-defender-sync-${resourceToken}'
   location: location
   tags: tags
@@ -251,7 +251,7 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
 
 // ----- Key Vault: the Defender secret or certificate (when one is used) and the playbook's webhook key.
 
-resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
+resource keyVault 'Microsoft.KeyVault/vaults@2026-02-01' = {
   // checkov:skip=CKV_AZURE_109: The firewall stays open: Key Vault references of a Flex Consumption app without VNet integration and the Consumption Logic App do not come from trusted-service or fixed addresses; access is Entra RBAC only.
   // checkov:skip=CKV_AZURE_189: Public network access is required for the same reason as CKV_AZURE_109.
   name: 'kv-${resourceToken}'
@@ -281,7 +281,7 @@ resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
 // The function key the playbook sends in x-functions-key. Bicep owns the value (a secure parameter that azd
 // generates once and keeps), so the playbook's read access can be scoped to this one secret; the postdeploy hook
 // sets the same value as the sentinel_webhook function's key "sentinel-playbook".
-resource webhookKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
+resource webhookKeySecret 'Microsoft.KeyVault/vaults/secrets@2026-02-01' = {
   // checkov:skip=CKV_AZURE_41: No expiry: the playbook reads this secret on every run and an expired secret would silently stop the push-back; rotate it with the procedure in docs/OPERATIONS.md.
   parent: keyVault
   name: webhookKeySecretName
@@ -296,7 +296,7 @@ resource webhookKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
 
 // ----- Flex Consumption plan and Function app
 
-resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+resource plan 'Microsoft.Web/serverfarms@2025-03-01' = {
   // checkov:skip=CKV_AZURE_225: Zone redundancy of Flex Consumption exists only in some regions; the app keeps no state on instances (all of it is in Storage), so a zone outage only delays a run and the next run catches up.
   name: 'plan-defender-sync-${resourceToken}'
   location: location
@@ -483,7 +483,7 @@ var mirrorRuleSettings = (mirrorTarget == 'defender-portal') ? [
   }
 ] : []
 
-resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
+resource functionApp 'Microsoft.Web/sites@2025-03-01' = {
   // checkov:skip=CKV_AZURE_17: Client certificates are not used: the webhook is called by the Consumption Logic App with a function key, the other endpoints with the admin key.
   // checkov:skip=CKV_AZURE_222: Public network access is required: Sentinel automation runs a Consumption Logic App that calls the webhook over the internet; every HTTP function needs a key.
   // checkov:skip=CKV_AZURE_213: The Flex Consumption plan has no App Service health check; sync health is watched by the lag and dead-letter alert rules and served by sync/status.
@@ -545,7 +545,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
 }
 
 // No basic (publishing profile) authentication: deployments use Entra ID.
-resource ftpPolicy 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+resource ftpPolicy 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2025-03-01' = {
   parent: functionApp
   name: 'ftp'
   properties: {
@@ -553,7 +553,7 @@ resource ftpPolicy 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-
   }
 }
 
-resource scmPolicy 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+resource scmPolicy 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2025-03-01' = {
   parent: functionApp
   name: 'scm'
   properties: {

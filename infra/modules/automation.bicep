@@ -21,7 +21,7 @@ param mirrorRuleId string = ''
 // The label the app puts on every incident it mirrors (sync/mapping.py SOURCE_LABEL).
 var sourceLabel = 'defender-sync'
 
-resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' existing = {
+resource workspace 'Microsoft.OperationalInsights/workspaces@2026-03-01' existing = {
   name: workspaceName
 }
 
@@ -64,7 +64,7 @@ resource playbookSentinelReader 'Microsoft.Authorization/roleAssignments@2022-04
 // When an incident is updated, if it is a mirror (the app's source label, or the mirror rule's incident: provider-name
 // conditions match neither) and the update was not made by an application (the app's own writes come back as
 // "Application"; skipping them prevents echo), run the playbook.
-resource forwardUpdates 'Microsoft.SecurityInsights/automationRules@2024-09-01' = {
+resource forwardUpdates 'Microsoft.SecurityInsights/automationRules@2025-09-01' = {
   name: guid(workspace.id, 'defender-sync-forward-incident-updates')
   scope: workspace
   properties: {

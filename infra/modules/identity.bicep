@@ -11,7 +11,7 @@ param tags object = {}
 @description('Name of the user-assigned managed identity.')
 param identityName string
 
-resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2024-11-30' = {
   name: identityName
   location: location
   tags: tags

@@ -11,7 +11,7 @@ param ruleId string
 @description('Display name of the rule in the portal.')
 param displayName string = 'Defender sync: mirror Defender XDR incidents'
 
-resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' existing = {
+resource workspace 'Microsoft.OperationalInsights/workspaces@2026-03-01' existing = {
   name: workspaceName
 }
 

@@ -27,11 +27,11 @@ param sentinelAutomationPrincipalObjectId string = ''
 // The Key Vault data-plane audience of this cloud (https://vault.azure.net, https://vault.usgovcloudapi.net, ...).
 var keyVaultAudience = 'https://${substring(environment().suffixes.keyvaultDns, 1)}'
 
-resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
+resource keyVault 'Microsoft.KeyVault/vaults@2026-02-01' existing = {
   name: keyVaultName
 }
 
-resource webhookKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = {
+resource webhookKeySecret 'Microsoft.KeyVault/vaults/secrets@2026-02-01' existing = {
   parent: keyVault
   name: webhookKeySecretName
 }
@@ -43,6 +43,8 @@ resource sentinelConnection 'Microsoft.Web/connections@2016-06-01' = {
   properties: {
     displayName: 'Microsoft Sentinel (managed identity of the Defender sync playbook)'
     customParameterValues: {}
+    // Right for a managed-identity connection (what the Logic App designer itself writes), though the
+    // Microsoft.Web/connections@2016-06-01 type does not declare it: Bicep warns, ARM accepts it.
     parameterValueType: 'Alternative'
     api: {
       id: subscriptionResourceId('Microsoft.Web/locations/managedApis', location, 'azuresentinel')

@@ -15,7 +15,7 @@ param tags object = {}
 @description('Resource ID of the Application Insights component with the app telemetry.')
 param appInsightsId string
 
-resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' existing = {
+resource workspace 'Microsoft.OperationalInsights/workspaces@2026-03-01' existing = {
   name: workspaceName
 }
 
@@ -23,7 +23,7 @@ var content = loadTextContent('../workbooks/defender-sync.workbook.json')
 var withAppInsights = replace(content, '__APPINSIGHTS_RESOURCE_ID__', appInsightsId)
 var serialized = replace(withAppInsights, '__WORKSPACE_RESOURCE_ID__', workspace.id)
 
-resource workbook 'Microsoft.Insights/workbooks@2022-04-01' = {
+resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
   name: guid(workspace.id, 'defender-sync-workbook')
   location: location
   tags: tags

@@ -21,21 +21,25 @@ param appPrincipalId string
 @description('Also create DefenderMirrorRequests_CL and its DCR stream (SYNC_MIRROR_TARGET=defender-portal).')
 param deployMirrorRequests bool = false
 
-@minValue(0)
+@description('true: the custom tables keep data for tableRetentionInDays; false: the workspace default retention.')
+param tableRetentionOverride bool = false
+
+// The tables API accepts 4-730 days; 1-3 are refused at deployment, so they are refused here.
+@minValue(4)
 @maxValue(730)
-@description('Interactive retention in days of the custom tables. 0: the workspace default.')
-param tableRetentionInDays int = 0
+@description('Interactive retention in days of the custom tables, used when tableRetentionOverride is true (4-730).')
+param tableRetentionInDays int = 90
 
 var destinationName = 'sentinelWorkspace'
-var retention = (tableRetentionInDays > 0) ? tableRetentionInDays : null
+var retention = tableRetentionOverride ? tableRetentionInDays : null
 
-resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' existing = {
+resource workspace 'Microsoft.OperationalInsights/workspaces@2026-03-01' existing = {
   name: workspaceName
 }
 
 // ----- Custom tables (Analytics plan). Columns: infra/tables/*.json, never copied here.
 
-resource incidentsTable 'Microsoft.OperationalInsights/workspaces/tables@2022-10-01' = {
+resource incidentsTable 'Microsoft.OperationalInsights/workspaces/tables@2026-03-01' = {
   parent: workspace
   name: 'DefenderIncidents_CL'
   properties: {
@@ -49,7 +53,7 @@ resource incidentsTable 'Microsoft.OperationalInsights/workspaces/tables@2022-10
   }
 }
 
-resource alertsTable 'Microsoft.OperationalInsights/workspaces/tables@2022-10-01' = {
+resource alertsTable 'Microsoft.OperationalInsights/workspaces/tables@2026-03-01' = {
   parent: workspace
   name: 'DefenderAlerts_CL'
   properties: {
@@ -63,7 +67,7 @@ resource alertsTable 'Microsoft.OperationalInsights/workspaces/tables@2022-10-01
   }
 }
 
-resource evidenceTable 'Microsoft.OperationalInsights/workspaces/tables@2022-10-01' = {
+resource evidenceTable 'Microsoft.OperationalInsights/workspaces/tables@2026-03-01' = {
   parent: workspace
   name: 'DefenderEvidence_CL'
   properties: {
@@ -78,7 +82,7 @@ resource evidenceTable 'Microsoft.OperationalInsights/workspaces/tables@2022-10-
 }
 
 // With defender-portal: one row per mirror request, read by the mirror analytics rule (modules/mirror-rule.bicep).
-resource mirrorRequestsTable 'Microsoft.OperationalInsights/workspaces/tables@2022-10-01' = if (deployMirrorRequests) {
+resource mirrorRequestsTable 'Microsoft.OperationalInsights/workspaces/tables@2026-03-01' = if (deployMirrorRequests) {
   parent: workspace
   name: 'DefenderMirrorRequests_CL'
   properties: {
@@ -94,7 +98,7 @@ resource mirrorRequestsTable 'Microsoft.OperationalInsights/workspaces/tables@20
 
 // ----- Direct DCR: its own logs ingestion endpoint, no DCE needed (no Private Link).
 
-resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2023-03-11' = {
+resource dataCollectionRule 'Microsoft.Insights/dataCollectionRules@2024-03-11' = {
   name: dataCollectionRuleName
   location: location
   tags: tags
@@ -203,7 +207,7 @@ resource sentinelResponder 'Microsoft.Authorization/roleAssignments@2022-04-01' 
 
 // ----- KQL functions (saved searches with a function alias), text in infra/kql/*.kql
 
-resource incidentsLatest 'Microsoft.OperationalInsights/workspaces/savedSearches@2020-08-01' = {
+resource incidentsLatest 'Microsoft.OperationalInsights/workspaces/savedSearches@2026-03-01' = {
   parent: workspace
   name: 'defender-sync-DefenderIncidentsLatest'
   properties: {
@@ -218,7 +222,7 @@ resource incidentsLatest 'Microsoft.OperationalInsights/workspaces/savedSearches
   ]
 }
 
-resource alertsLatest 'Microsoft.OperationalInsights/workspaces/savedSearches@2020-08-01' = {
+resource alertsLatest 'Microsoft.OperationalInsights/workspaces/savedSearches@2026-03-01' = {
   parent: workspace
   name: 'defender-sync-DefenderAlertsLatest'
   properties: {
@@ -233,7 +237,7 @@ resource alertsLatest 'Microsoft.OperationalInsights/workspaces/savedSearches@20
   ]
 }
 
-resource evidenceForLatestAlerts 'Microsoft.OperationalInsights/workspaces/savedSearches@2020-08-01' = {
+resource evidenceForLatestAlerts 'Microsoft.OperationalInsights/workspaces/savedSearches@2026-03-01' = {
   parent: workspace
   name: 'defender-sync-DefenderEvidenceForLatestAlerts'
   properties: {
