@@ -7,8 +7,9 @@ from typing import Any
 
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
-from .http import ApiError, describe_error
+from .http import describe_error
 from .incident_sync import IncidentSyncer
+from .leases import LeaseLost
 from .models import TenantSummary
 from .pull import IncidentHook
 from .settings import TenantConfig
@@ -34,9 +35,9 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
         incident_id = str(incident.get("id"))
         try:
             outcome = syncer.sync(tenant, incident_id, deadline=deadline, trigger="pull", defender=incident)
-        except BudgetExhausted:
-            raise
-        except (ApiError, ValueError) as exc:
+        except (BudgetExhausted, LeaseLost):
+            raise  # the run stops here; the page is read again next run
+        except Exception as exc:  # any failure of one incident: never replay the page forever
             letter = ctx.state.dead_letter(tenant.tenant_id, "mirror", incident_id, describe_error(exc),
                                            version=str(incident.get("lastUpdateDateTime")))
             letters.add(incident_id)

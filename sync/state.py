@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +43,10 @@ READ_WORKERS = 8            # concurrent point reads per page
 PROPERTY_CHARS = 30_000     # string properties hold 64 KiB of UTF-16: stay well under
 MAX_CHUNKS = 25             # an entity holds 1 MiB; keep JSON spill under ~750 KB
 DEAD_LETTER_MAX_RETRIES = 5
+
+
+class StaleWrite(Exception):
+    """A conditional write found the entity changed by another writer since it was read."""
 
 
 def _key(value: str) -> str:
@@ -172,7 +175,9 @@ class StateStore:
         )
 
     def save_tenant(self, state: TenantState) -> None:
-        """Write the tenant's progress (replace: absent fields are cleared)."""
+        """Write the tenant's progress (replace: absent fields are cleared) if it is still as read (``If-Match`` on
+        ``state.etag``; None: it must not exist yet), and keep the new ETag in ``state``. Raises :class:`StaleWrite`
+        when another owner wrote it meanwhile: an old lease holder never overwrites a new one's progress."""
         entity: dict[str, Any] = {
             "PartitionKey": "tenant", "RowKey": _key(state.tenant_id), "TenantId": state.tenant_id,
             "Cursor": state.cursor or "", "SliceLower": state.slice_lower or "", "SliceUpper": state.slice_upper or "",
@@ -180,7 +185,17 @@ class StateStore:
         }
         entity.update(_split_json("Position", state.position))
         entity.update(_split_json("LastRun", state.last_run))
-        self.table(TENANTS).upsert_entity(entity, mode=UpdateMode.REPLACE)
+        table = self.table(TENANTS)
+        try:
+            if state.etag is None:
+                meta = table.create_entity(entity)
+            else:
+                meta = table.update_entity(entity, mode=UpdateMode.REPLACE, etag=state.etag,
+                                           match_condition=MatchConditions.IfNotModified)
+        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError) as exc:
+            raise StaleWrite(f"tenant {state.tenant_id}: its progress was written by another owner since it was "
+                             "read; not overwritten") from exc
+        state.etag = str(meta["etag"])
 
     # ----------------------------------------------------------------- ingested versions
     def get_versions(self, tenant_id: str, incident_ids: Iterable[str]) -> dict[str, IncidentVersion]:
@@ -380,48 +395,6 @@ class StateStore:
             params["after"] = _key(after)
         for e in self.table(LINKS).query_entities(query, parameters=params):
             yield str(e["IncidentId"]), {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
-
-
-class LeaseKeeper:
-    """Renews a held lease from a background thread while a cycle works, however long one step takes.
-
-    A killed process stops renewing, so its lease lapses within one lease period; a renewal that fails means another
-    instance took the tenant: :attr:`lost` turns True and the cycle must stop writing progress.
-    """
-
-    def __init__(self, store: StateStore, lease: Lease, seconds: float) -> None:
-        self.lease = lease
-        self.lost = False
-        self._store = store
-        self._seconds = seconds
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.scope}-{lease.tenant_id[:8]}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._seconds / 3):
-            try:
-                with self._lock:
-                    renewed = self._store.renew_lease(self.lease, self._seconds)
-            except Exception:  # a transient storage error: try again next beat; the lease outlives two misses
-                log.warning("lease renewal failed; retrying", extra={"tenantId": self.lease.tenant_id,
-                                                                     "action": "lease", "outcome": "retry"})
-                continue
-            if not renewed:
-                self.lost = True
-                log.warning("lease lost to another instance", extra={"tenantId": self.lease.tenant_id,
-                                                                     "action": "lease", "outcome": "lost"})
-                return
-
-    def release(self) -> None:
-        """Stop renewing and give the lease back (only if still ours)."""
-        self._stop.set()
-        self._thread.join(timeout=30)
-        with self._lock:
-            if not self.lost:
-                self._store.release_lease(self.lease)
 
 
 def _marker_key(kind: str, tenant_id: str) -> tuple[str, str]:
