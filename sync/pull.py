@@ -27,7 +27,7 @@ from .leases import LeaseKeeper, LeaseLost, lease
 from .models import TenantSummary
 from .rows import alert_row, evidence_rows, incident_row
 from .settings import TenantConfig
-from .state import IncidentVersion, StaleWrite, TenantState, run_record
+from .state import DeadLetter, IncidentVersion, StaleWrite, TenantState, run_record
 from .timeutil import canonical_time, format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,14 @@ DEAD_LETTER_RETRIES_PER_RUN = 20
 EVIDENCE_ONLY = "E:"
 
 IncidentHook = Callable[[TenantConfig, dict[str, Any], TenantSummary, Deadline], None]
+
+
+def due_letters(letters: Iterable[DeadLetter], kinds: Iterable[str], now: datetime) -> list[DeadLetter]:
+    """The letters of ``kinds`` whose next attempt is due, the longest-waiting first (a letter without a next-attempt
+    time, written by an older version, is due at once)."""
+    wanted, due_at = set(kinds), canonical_time(format_time(now))
+    due = [d for d in letters if d.kind in wanted and canonical_time(d.next_attempt_at or due_at) <= due_at]
+    return sorted(due, key=lambda d: canonical_time(d.next_attempt_at or d.last_failed_at or due_at))
 
 
 class IngestError(Exception):
@@ -235,12 +243,13 @@ class TenantPull:
 
     def _retry_dead_letters(self) -> None:
         """Retry incidents whose alerts could not be read or whose rows were refused, and failed mirrors, before new
-        work. Every attempt either resolves the letter or counts it, so a letter is given up in the end and can
-        never hold the tenant back."""
+        work, the longest-waiting first. Every attempt either resolves the letter or counts it (moving it behind the
+        others), so no letter holds the tenant back: ingest letters are given up in the end, mirror letters are
+        retried with backoff until the incident is mirrored or gone."""
         store = self.ctx.state
         tid = self.tenant.tenant_id
-        letters = [d for d in store.dead_letters(tid, pending_only=True)
-                   if d.kind in ("incident", "ingest", "mirror")][:DEAD_LETTER_RETRIES_PER_RUN]
+        letters = due_letters(store.dead_letters(tid, pending_only=True), ("incident", "ingest", "mirror"),
+                              utcnow())[:DEAD_LETTER_RETRIES_PER_RUN]
         for letter in letters:
             self.deadline.check(self.deadline.reserve(STEP_RESERVE_SECONDS))
             try:

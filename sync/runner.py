@@ -119,6 +119,7 @@ def status(ctx: AppContext) -> dict[str, Any]:
             "tenantId": tenant.tenant_id, "name": tenant.name, "mode": tenant.mode, "cursor": state.cursor,
             "lagSeconds": round(lag, 1) if lag is not None else None, "lastRun": last_run,
             "deadLetters": len(letters), "deadLettersGivenUp": sum(1 for d in letters if d.given_up),
+            "mirrorRetriesWaiting": sum(1 for d in letters if d.kind == "mirror" and not d.given_up),
             "healthy": ok,
         })
     return {"healthy": healthy, "checkedAt": format_time(now), "tenants": tenants}

@@ -43,6 +43,11 @@ READ_WORKERS = 8            # concurrent point reads per page
 PROPERTY_CHARS = 30_000     # string properties hold 64 KiB of UTF-16: stay well under
 MAX_CHUNKS = 25             # an entity holds 1 MiB; keep JSON spill under ~750 KB
 DEAD_LETTER_MAX_RETRIES = 5
+# Kinds never given up: a failed mirror leaves nothing else that would ever mirror the incident, so it is retried,
+# ever more slowly, until it is mirrored or gone (404).
+RETRY_FOREVER = frozenset({"mirror"})
+BACKOFF_BASE_SECONDS = 60.0
+BACKOFF_MAX_SECONDS = 3600.0
 
 
 class StaleWrite(Exception):
@@ -123,6 +128,7 @@ class DeadLetter:
     last_failed_at: str
     version: str | None = None
     given_up: bool = False
+    next_attempt_at: str | None = None   # not retried before this time (exponential backoff for RETRY_FOREVER)
 
 
 class StateStore:
@@ -290,22 +296,27 @@ class StateStore:
     # ----------------------------------------------------------------- dead letters
     def dead_letter(self, tenant_id: str, kind: str, key: str, error: str, *, version: str | None = None,
                     max_retries: int = DEAD_LETTER_MAX_RETRIES) -> DeadLetter:
-        """Record (or count again) a failure. After ``max_retries`` the entry is marked given up."""
+        """Record (or count again) a failure. After ``max_retries`` the entry is marked given up, except for the
+        kinds in :data:`RETRY_FOREVER`, which wait twice as long after each failure instead (up to an hour)."""
         table = self.table(DEAD_LETTERS)
         rk = _key(f"{kind}|{key}")
-        now = format_time(utcnow())
+        clock = utcnow()
+        now = format_time(clock)
         try:
             e = table.get_entity(_key(tenant_id), rk)
             retries = int(e.get("RetryCount", 0)) + 1
             first = str(e.get("FirstFailedAt", now))
         except ResourceNotFoundError:
             retries, first = 0, now
+        forever = kind in RETRY_FOREVER
+        wait = min(BACKOFF_BASE_SECONDS * 2 ** min(retries, 20), BACKOFF_MAX_SECONDS) if forever else 0.0
         letter = DeadLetter(tenant_id, kind, key, error[:2000], retries, first, now, version,
-                            given_up=retries >= max_retries)
+                            given_up=not forever and retries >= max_retries,
+                            next_attempt_at=format_time(clock + timedelta(seconds=wait)))
         table.upsert_entity({
             "PartitionKey": _key(tenant_id), "RowKey": rk, "Kind": kind, "Key": key, "Error": letter.error,
             "RetryCount": retries, "FirstFailedAt": first, "LastFailedAt": now, "Version": version or "",
-            "GivenUp": letter.given_up,
+            "GivenUp": letter.given_up, "NextAttemptAt": letter.next_attempt_at,
         }, mode=UpdateMode.REPLACE)
         return letter
 
@@ -315,7 +326,7 @@ class StateStore:
             yield DeadLetter(tenant_id, str(e["Kind"]), str(e["Key"]), str(e.get("Error", "")),
                              int(e.get("RetryCount", 0)), str(e.get("FirstFailedAt", "")),
                              str(e.get("LastFailedAt", "")), str(e.get("Version") or "") or None,
-                             bool(e.get("GivenUp", False)))
+                             bool(e.get("GivenUp", False)), str(e.get("NextAttemptAt") or "") or None)
 
     def resolve_dead_letter(self, tenant_id: str, kind: str, key: str) -> None:
         try:
