@@ -253,14 +253,15 @@ class StateStore:
         now = utcnow()
         expires = now + timedelta(seconds=seconds)
         entity = {"PartitionKey": "lease", "RowKey": rk, "Owner": owner, "ExpiresAt": format_time(expires)}
+        try:  # a released lease is deleted: creating it is the common case, one call
+            meta = table.create_entity(entity)
+            return Lease(tenant_id, scope, owner, expires, str(meta["etag"]))
+        except ResourceExistsError:
+            pass
         try:
             current = table.get_entity("lease", rk)
         except ResourceNotFoundError:
-            try:
-                meta = table.create_entity(entity)
-            except ResourceExistsError:
-                return None
-            return Lease(tenant_id, scope, owner, expires, str(meta["etag"]))
+            return None  # released just now by its holder: the next try takes it
         held_until = parse_time(str(current.get("ExpiresAt") or "1970-01-01T00:00:00Z"))
         if current.get("Owner") != owner and held_until > now:
             return None
