@@ -8,7 +8,7 @@ from typing import Any
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
 from .http import describe_error
-from .incident_sync import IncidentSyncer
+from .incident_sync import IncidentBusy, IncidentSyncer
 from .leases import LeaseLost
 from .models import TenantSummary
 from .pull import IncidentHook
@@ -45,7 +45,8 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
             raise  # the run stops here; the page is read again next run
         except Exception as exc:  # any failure of one incident: never replay the page forever
             letter = ctx.state.dead_letter(tenant.tenant_id, "mirror", incident_id, describe_error(exc),
-                                           version=str(incident.get("lastUpdateDateTime")))
+                                           version=str(incident.get("lastUpdateDateTime")),
+                                           backoff=not isinstance(exc, IncidentBusy))
             letters[incident_id] = letter
             summary.dead_lettered += 1
             log.warning("mirror failed", extra={"tenantId": tenant.tenant_id, "incidentId": incident_id,
