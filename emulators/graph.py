@@ -35,7 +35,8 @@ server's base URL (``GRAPH_ENDPOINT``) and carry a ``SecurityIncident.*`` role (
     ``lastUpdateDateTime`` (also for a PATCH that changes nothing, unless :attr:`GraphState.bump_on_noop_patch` is
     off) and sets ``lastModifiedBy`` to the caller app's display name (defaults to its client ID). Resolving an
     incident also resolves its alerts (:attr:`GraphState.cascade_resolve`), which bumps their
-    ``lastUpdateDateTime``. Answers 200 with the incident.
+    ``lastUpdateDateTime``. Answers 200 with the incident. For a tenant in :attr:`GraphState.refuse_in_progress`,
+    status ``inProgress`` is refused (400), as Graph may (it is not among the documented PATCH values).
 ``POST /v1.0/security/incidents/{id}/comments``: body ``{"@odata.type": "microsoft.graph.security.alertComment",
     "comment": "..."}``; appends a comment (``createdByDisplayName`` = caller app), bumps ``lastUpdateDateTime``,
     answers 200 ``{"value": [every comment]}``.
@@ -347,6 +348,8 @@ class GraphState:
         self.unstable_ties = False   # order each tie group differently on every list request (fault switch)
         self.unordered_pages = False  # serve list pages oldest first instead of newest first (fault switch)
         self._list_calls = 0
+        # Tenants whose PATCH refuses status inProgress (400), as Graph may: it is not a documented PATCH value.
+        self.refuse_in_progress: set[str] = set()
         self.tenants: dict[str, _TenantStore] = {}
         self.writes: list[GraphWrite] = []
         self._hooks: list[_Hook] = []
@@ -569,6 +572,7 @@ class GraphState:
             self.bump_on_noop_patch = True
             self.cascade_resolve = True
             self.unstable_ties = self.unordered_pages = False
+            self.refuse_in_progress.clear()
 
     # -- normalization -----------------------------------------------------------------------------------------
 
@@ -966,6 +970,9 @@ class GraphService:
                                   "'microsoft.graph.security.incident'. Make sure to only use property names that "
                                   "are defined by the type.")
             changes[key] = _validate_field(key, value, legacy=self.state.legacy_determinations)
+        if changes.get("status") == "inProgress" and tenant in self.state.refuse_in_progress:
+            raise _GraphError(400, "BadRequest", "Invalid value 'inProgress' for property 'status'. Allowed values: "
+                              "active, resolved.")
         caller = _caller(claims)
         with self.state.lock:
             doc = self.state._get(tenant, incident_id)

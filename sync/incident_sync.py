@@ -10,11 +10,19 @@ every path applies the same rules:
 4. write the mirror (GET-merge-PUT with the ETag) and Defender (PATCH) only where they differ from the merged value;
 5. copy new comments each way (deterministic IDs and origin markers: never twice, never back);
 6. store the new base with the link's ETag, so two concurrent syncs of one incident cannot both commit a stale base.
+
+Every sync holds the incident's lease (:func:`sync.leases.lease`, scope ``incident:<id>``) for its whole run, across
+instances and triggers: two syncs of one incident never both decide to copy the same comment (Graph comments cannot
+be deleted). A sync that finds the lease held waits a little (the webhook longer) and then raises
+:class:`IncidentBusy`: the pull hook dead-letters the incident (retried next run), the reconcile records it (and its
+sweep finds the change), the webhook answers 503 so the Logic App retries. Before each comment is appended to
+Defender its comments are read again, so a copy made meanwhile by any writer is not made twice.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +30,7 @@ from .budget import Deadline
 from .context import AppContext
 from .graph import GraphSecurityClient
 from .http import ApiError
+from .leases import lease
 from .mapping import (
     OwnerMap,
     SyncedFields,
@@ -55,6 +64,16 @@ LINK_DELETED = "deleted"          # the Sentinel incident was deleted: not recre
 LINK_GONE = "gone"                # the Defender incident is gone (404): link ended
 INACTIVE_LINKS = frozenset({LINK_BUILTIN, LINK_DELETED, LINK_GONE})
 MAX_LINK_RACES = 3
+INCIDENT_LEASE_SECONDS = 60.0
+BUSY_WAIT_SECONDS = {"webhook": 5.0}   # how long a sync waits for another sync of the incident (default below)
+DEFAULT_BUSY_WAIT_SECONDS = 1.0
+# Graph refused inProgress and the app wrote active instead: Defender's "active" then stands for the base's
+# inProgress (kept on the link as "defenderHolds"), so it is not read as a change back to New.
+FALLBACK_STATUS = {"active": "inProgress"}
+
+
+class IncidentBusy(ApiError):
+    """Another worker is syncing this incident right now; try again later (nothing was read or written)."""
 
 
 @dataclass
@@ -123,13 +142,30 @@ class IncidentSyncer:
     @traced_incident_sync  # sync.incident span: tenantId, incidentId, trigger, result
     def sync(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline, trigger: str,
              defender: dict[str, Any] | None = None) -> SyncOutcome:
-        """Bring one incident's two sides together (see the module docstring). Raises ApiError on I/O failure."""
-        for _ in range(MAX_LINK_RACES):
-            outcome = self._sync_once(tenant, incident_id, deadline=deadline, trigger=trigger, defender=defender)
-            if outcome is not None:
-                self._log(outcome, trigger)
-                return outcome
-            defender = None  # another worker synced it meanwhile: start again from fresh reads
+        """Bring one incident's two sides together (see the module docstring), holding the incident's lease.
+        Raises :class:`IncidentBusy` when another worker holds it, ApiError on I/O failure."""
+        if not tenant.mirrors:
+            # A data-only tenant is never written in Sentinel nor Defender, whatever links an older mode left.
+            ignored = SyncOutcome(tenant.tenant_id, incident_id, "ignored",
+                                  reason="the tenant is data-only: its incidents are not mirrored")
+            self._log(ignored, trigger)
+            return ignored
+        owner = f"{self.ctx.instance_id}-{uuid.uuid4().hex[:8]}"
+        wait = BUSY_WAIT_SECONDS.get(trigger, DEFAULT_BUSY_WAIT_SECONDS)
+        with lease(self.ctx.state, tenant.tenant_id, f"incident:{incident_id}", owner, INCIDENT_LEASE_SECONDS,
+                   wait_seconds=min(wait, max(0.0, deadline.remaining() - 10.0))) as held:
+            if held is None:
+                log.info("incident is being synced by another worker", extra={
+                    "tenantId": tenant.tenant_id, "incidentId": incident_id, "action": f"sync-{trigger}",
+                    "outcome": "busy"})
+                raise IncidentBusy(f"incident {incident_id} is being synced by another worker; will retry later")
+            for _ in range(MAX_LINK_RACES):
+                outcome = self._sync_once(tenant, incident_id, deadline=deadline, trigger=trigger,
+                                          defender=defender)
+                if outcome is not None:
+                    self._log(outcome, trigger)
+                    return outcome
+                defender = None  # another worker synced it meanwhile: start again from fresh reads
         raise ApiError(f"incident {incident_id}: the link kept changing under concurrent syncs; will retry later")
 
     def _log(self, outcome: SyncOutcome, trigger: str) -> None:
@@ -163,7 +199,15 @@ class IncidentSyncer:
         version = canonical_time(str(defender.get("lastUpdateDateTime")))
         if (trigger == "pull" and link is not None and link.get("defenderVersion", "") >= version):
             return outcome  # this Defender version was already merged: nothing to read or write
-        name = str(link["sentinelName"]) if link else self.target.name_for(tid, incident_id)
+        name = self.target.name_for(tid, incident_id)
+        if link is not None and link.get("sentinelName"):
+            name = str(link["sentinelName"])
+        elif link is not None:
+            # A link without its Sentinel name (written by an old or interrupted version): the app's own name is the
+            # only one it can have had (a built-in connector's link always stores the name).
+            outcome.problems.append("the stored link had no Sentinel incident name; the app's own name was used")
+            log.warning("link without a Sentinel incident name; using the app's name", extra={
+                "tenantId": tid, "incidentId": incident_id, "action": "link", "outcome": "repaired"})
         outcome.sentinel_name = name
         if link is None:
             builtin = self.target.find_builtin(tid, incident_id, deadline=deadline)
@@ -178,6 +222,8 @@ class IncidentSyncer:
         base = fields_from_dict(link.get("base")) if link else None
         writable = tenant.writes_defender and not is_redirected(defender)
         merged_box: dict[str, Any] = {}
+        holds: dict[str, Any] = dict(link.get("defenderHolds") or {}) if link else {}
+        defender = _as_synced(defender, holds, base)
         current_defender: dict[str, Any] = defender
 
         def merge_with(current: dict[str, Any]) -> tuple[MergeResult, list[str]]:
@@ -219,7 +265,8 @@ class IncidentSyncer:
             first_merged = first.merged
             patch = to_defender_patch(first.merged, defender, closing_comment=closing)
             if patch:
-                defender = current_defender = self._patch_defender(tid, incident_id, patch, defender, deadline)
+                defender = current_defender = _as_synced(
+                    self._patch_defender(tid, incident_id, patch, defender, deadline, holds), holds, first.merged)
                 defender_changes.update(patch)
         resource = self.target.write(name, mutate, deadline=deadline, current=current_resource)
         if merged_box.get("deleted"):
@@ -230,7 +277,7 @@ class IncidentSyncer:
             link["state"] = LINK_DELETED
             return outcome if state.save_link(tid, incident_id, link, etag=link_etag) else None
         result: MergeResult = merged_box["result"]
-        outcome.problems = list(merged_box.get("problems", []))
+        outcome.problems.extend(merged_box.get("problems", []))
         outcome.conflicts = result.conflicts
         if merged_box.get("sentinelWrite"):
             outcome.sentinel_changes = dict(result.sentinel_changes) or {"defenderOwnedFields": True}
@@ -240,7 +287,8 @@ class IncidentSyncer:
             # The mirror changed between the read and the write (409, merged again): Defender follows the final merge.
             patch = to_defender_patch(result.merged, defender, closing_comment=closing)
             if patch:
-                defender = self._patch_defender(tid, incident_id, patch, defender, deadline)
+                defender = _as_synced(self._patch_defender(tid, incident_id, patch, defender, deadline, holds),
+                                      holds, result.merged)
                 defender_changes.update(patch)
         outcome.defender_changes = defender_changes
         outcome.comments_to_sentinel, outcome.comments_to_defender, sentinel_comments = self._sync_comments(
@@ -255,6 +303,8 @@ class IncidentSyncer:
                     # What the mirror looked like when both sides agreed: the reconcile sweep re-syncs an incident
                     # only when this differs (a comment- or label-only edit need not move lastModifiedTimeUtc).
                     "sentinelComments": sentinel_comments, "sentinelLabels": label_names(resource)}
+        if holds:
+            new_link["defenderHolds"] = holds
         if not state.save_link(tid, incident_id, new_link, etag=link_etag):
             return None
         return outcome
@@ -267,10 +317,13 @@ class IncidentSyncer:
         return self.target.url(str(link["sentinelName"])) if link and link.get("sentinelName") else None
 
     def _patch_defender(self, tenant_id: str, incident_id: str, patch: dict[str, Any], before: dict[str, Any],
-                        deadline: Deadline) -> dict[str, Any]:
+                        deadline: Deadline, holds: dict[str, Any]) -> dict[str, Any]:
         """PATCH Defender and return the incident as it is now, with its alerts (read again: the PATCH answer has
-        none, and a resolve also resolves the alerts)."""
+        none, and a resolve also resolves the alerts). ``holds`` is updated with the status Defender really holds
+        when it differs from the one asked for (Graph refused ``inProgress``: ``active`` was written)."""
         graph = self.ctx.graph(tenant_id)
+        if "status" in patch:
+            holds.pop("status", None)
         try:
             patched = _update_respelling(graph, tenant_id, incident_id, patch, deadline)
         except ApiError as exc:
@@ -279,7 +332,9 @@ class IncidentSyncer:
                 raise
             log.info("Graph refused status inProgress; writing active", extra={
                 "tenantId": tenant_id, "incidentId": incident_id, "action": "patch", "outcome": "fallback"})
-            patched = graph.update_incident(incident_id, in_progress_fallback(patch), deadline=deadline)
+            fallback = in_progress_fallback(patch)
+            patched = graph.update_incident(incident_id, fallback, deadline=deadline)
+            holds["status"] = fallback["status"]
         fresh = graph.get_incident(incident_id, deadline=deadline, expand_alerts=True)
         if fresh is None or "_alertsError" in fresh:
             return {**patched, "alerts": before.get("alerts") or []}
@@ -314,17 +369,44 @@ class IncidentSyncer:
         if not writable:
             return to_sentinel, to_defender, len(existing) + to_sentinel
         copied = {mirrored_comment_key(c.text) for c in defender_comments} - {None}
+        graph = self.ctx.graph(tenant_id)
         for sc in existing:
             if not sc.text.strip() or is_mirrored_comment(sc.text) is not None:
                 continue
             key = comment_key("sentinel", sc.author, sc.created, sc.text)
             if key in copied:
                 continue
-            self.ctx.graph(tenant_id).add_comment(
-                incident_id, mirrored_comment_text("sentinel", sc.author, sc.created, sc.text), deadline=deadline)
-            copied.add(key)
+            # Read Defender's comments again right before appending: a copy another writer made since this sync
+            # read Defender must not be made twice (Graph comments cannot be deleted).
+            fresh = graph.get_incident(incident_id, deadline=deadline, expand_alerts=False)
+            copied |= _mirrored_keys((fresh or {}).get("comments"))
+            if key in copied:
+                continue
+            now = graph.add_comment(incident_id, mirrored_comment_text("sentinel", sc.author, sc.created, sc.text),
+                                    deadline=deadline)
+            copied |= _mirrored_keys(now) | {key}
             to_defender += 1
         return to_sentinel, to_defender, len(existing) + to_sentinel
+
+
+def _mirrored_keys(comments: object) -> set[str]:
+    """The source keys of the copies among Defender comments (either key shape)."""
+    if not isinstance(comments, list):
+        return set()
+    keys = {mirrored_comment_key(defender_comment_parts(c).text) for c in comments if isinstance(c, dict)}
+    return {k for k in keys if k is not None}
+
+
+def _as_synced(defender: dict[str, Any], holds: dict[str, Any], base: SyncedFields | None) -> dict[str, Any]:
+    """Defender as the merge must see it: a status the app wrote as a fallback, and still there, reads as what it
+    stands for (the base's value), so it is neither a Defender change nor written again. Any other status ends it."""
+    held = holds.get("status")
+    if held is None:
+        return defender
+    if defender.get("status") != held or base is None or base.status != FALLBACK_STATUS.get(held):
+        holds.pop("status", None)
+        return defender
+    return {**defender, "status": base.status}
 
 
 def label_names(resource: dict[str, Any] | None) -> list[str]:

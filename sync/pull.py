@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,10 +23,11 @@ from .context import AppContext
 from .filters import passes_filters
 from .graph import IncidentPage, KeysetPosition
 from .http import ApiError, describe_error
+from .leases import LeaseKeeper, LeaseLost, lease
 from .models import TenantSummary
 from .rows import alert_row, evidence_rows, incident_row
 from .settings import TenantConfig
-from .state import IncidentVersion, LeaseKeeper, TenantState, run_record
+from .state import DeadLetter, IncidentVersion, StaleWrite, TenantState, run_record
 from .timeutil import canonical_time, format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,14 @@ DEAD_LETTER_RETRIES_PER_RUN = 20
 EVIDENCE_ONLY = "E:"
 
 IncidentHook = Callable[[TenantConfig, dict[str, Any], TenantSummary, Deadline], None]
+
+
+def due_letters(letters: Iterable[DeadLetter], kinds: Iterable[str], now: datetime) -> list[DeadLetter]:
+    """The letters of ``kinds`` whose next attempt is due, the longest-waiting first (a letter without a next-attempt
+    time, written by an older version, is due at once)."""
+    wanted, due_at = set(kinds), canonical_time(format_time(now))
+    due = [d for d in letters if d.kind in wanted and canonical_time(d.next_attempt_at or due_at) <= due_at]
+    return sorted(due, key=lambda d: canonical_time(d.next_attempt_at or d.last_failed_at or due_at))
 
 
 class IngestError(Exception):
@@ -67,6 +77,7 @@ class TenantPull:
         self.owner = f"{ctx.instance_id}-{uuid.uuid4().hex[:8]}"
         self.summary = TenantSummary(tenant_id=tenant.tenant_id)
         self._lease: LeaseKeeper | None = None
+        self._held = ExitStack()     # holds the lease from a successful start to finish
         self._state: TenantState | None = None
         self._slices: list[_Slice] = []
         self._current: _Slice | None = None
@@ -88,28 +99,29 @@ class TenantPull:
     def start(self) -> bool:
         """Take the tenant's lease and plan the slices. False when another instance is working this tenant."""
         store = self.ctx.state
-        lease = store.acquire_lease(self.tenant.tenant_id, "pull", self.owner, LEASE_SECONDS)
-        if lease is None:
-            self.summary.outcome = "skipped"
-            self.summary.error = "another instance holds this tenant's lease; skipped"
-            self._log("pull", "skipped-leased")
-            return False
-        self._lease = LeaseKeeper(store, lease, LEASE_SECONDS)
-        try:
-            state = store.get_tenant(self.tenant.tenant_id)
-            self._state = state
-            self.summary.cursor_before = state.cursor
-            self.summary.cursor_after = state.cursor
-            self._slices = self._plan(state)
-            if not self._slices and state.cursor is None and self.since is None:
-                # A zero lookback: start from now instead of never starting.
-                state.cursor = format_time(self.upper)
-                store.save_tenant(state)
+        with ExitStack() as stack:  # a failure below gives the lease back at once
+            keeper = stack.enter_context(lease(store, self.tenant.tenant_id, "pull", self.owner, LEASE_SECONDS))
+            if keeper is None:
+                self.summary.outcome = "skipped"
+                self.summary.error = "another instance holds this tenant's lease; skipped"
+                self._log("pull", "skipped-leased")
+                return False
+            self._lease = keeper
+            try:
+                state = store.get_tenant(self.tenant.tenant_id)
+                self._state = state
+                self.summary.cursor_before = state.cursor
                 self.summary.cursor_after = state.cursor
-        except Exception:
-            self._lease.release()
-            self._lease = None
-            raise
+                self._slices = self._plan(state)
+                if not self._slices and state.cursor is None and self.since is None:
+                    # A zero lookback: start from now instead of never starting.
+                    state.cursor = format_time(self.upper)
+                    self._save(state)
+                    self.summary.cursor_after = state.cursor
+            except BaseException:
+                self._lease = None
+                raise
+            self._held = stack.pop_all()
         return True
 
     def _plan(self, state: TenantState) -> list[_Slice]:
@@ -182,10 +194,10 @@ class TenantPull:
                     state = store.get_tenant(self.tenant.tenant_id)
                     state.last_run = run_record(self.started, utcnow(), self.summary.outcome,
                                                 {k: v for k, v in self.summary.to_dict().items() if k != "notes"})
-                    store.save_tenant(state)
+                    self._save(state)
                     self.summary.cursor_after = state.cursor
             finally:
-                self._lease.release()
+                self._held.close()
                 self._lease = None
         self._log("pull", self.summary.outcome, incidents=self.summary.incidents, alerts=self.summary.alerts,
                   evidence=self.summary.evidence, pages=self.summary.pages, throttled=self.summary.throttled,
@@ -196,12 +208,14 @@ class TenantPull:
     def _save(self, state: TenantState) -> None:
         """Store progress, but never once the lease is lost: another instance owns the tenant's state now."""
         self._keep_lease()
-        self.ctx.state.save_tenant(state)
+        try:
+            self.ctx.state.save_tenant(state)
+        except StaleWrite as exc:
+            raise LeaseLost(str(exc)) from exc
 
     def _keep_lease(self) -> None:
         assert self._lease is not None
-        if self._lease.lost:
-            raise LeaseLost("the tenant's lease was lost to another instance")
+        self._lease.check()
 
     def _complete_slice(self) -> None:
         """The whole slice is done: the cursor may move to its upper bound."""
@@ -233,12 +247,13 @@ class TenantPull:
 
     def _retry_dead_letters(self) -> None:
         """Retry incidents whose alerts could not be read or whose rows were refused, and failed mirrors, before new
-        work. Every attempt either resolves the letter or counts it, so a letter is given up in the end and can
-        never hold the tenant back."""
+        work, the longest-waiting first. Every attempt either resolves the letter or counts it (moving it behind the
+        others), so no letter holds the tenant back: ingest letters are given up in the end, mirror letters are
+        retried with backoff until the incident is mirrored or gone."""
         store = self.ctx.state
         tid = self.tenant.tenant_id
-        letters = [d for d in store.dead_letters(tid, pending_only=True)
-                   if d.kind in ("incident", "ingest", "mirror")][:DEAD_LETTER_RETRIES_PER_RUN]
+        letters = due_letters(store.dead_letters(tid, pending_only=True), ("incident", "ingest", "mirror"),
+                              utcnow())[:DEAD_LETTER_RETRIES_PER_RUN]
         for letter in letters:
             self.deadline.check(self.deadline.reserve(STEP_RESERVE_SECONDS))
             try:
@@ -457,10 +472,6 @@ class TenantPull:
                                    version=str(version) if version else None)
         self.summary.dead_lettered += 1
         self._log("dead-letter", kind, incidentId=key, error=error[:300])
-
-
-class LeaseLost(Exception):
-    """Another instance took over the tenant; this cycle stops without writing progress."""
 
 
 __all__ = ["ApiError", "BudgetExhausted", "IngestError", "LeaseLost", "TenantPull"]

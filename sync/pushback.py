@@ -10,17 +10,18 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import datetime, timedelta
 from typing import Any
 
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
 from .http import ApiError, describe_error
-from .incident_sync import LINK_ACTIVE, IncidentSyncer, SyncOutcome, unchanged_since_sync
+from .incident_sync import LINK_ACTIVE, IncidentBusy, IncidentSyncer, SyncOutcome, unchanged_since_sync
+from .leases import LeaseKeeper, lease
 from .mapping import SOURCE_LABEL
 from .models import RequestError, TenantSummary
 from .settings import TenantConfig
-from .state import LeaseKeeper
 from .timeutil import format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,12 @@ def handle_webhook(ctx: AppContext, body: dict[str, Any], deadline: Deadline) ->
     if tenant is None:
         return {"result": "ignored", "reason": "the incident's tenant is no longer configured",
                 "sentinelIncident": name}
-    outcome = IncidentSyncer(ctx).sync(tenant, incident_id, deadline=deadline, trigger="webhook")
+    try:
+        outcome = IncidentSyncer(ctx).sync(tenant, incident_id, deadline=deadline, trigger="webhook")
+    except IncidentBusy as exc:
+        # 503: the Logic App retries (its default policy retries 5xx), and the reconcile catches it regardless. The
+        # running sync may have read Sentinel before this change, so answering "done" would be wrong.
+        raise RequestError(503, "incident_busy", f"{exc}; retry in a few seconds") from exc
     answer = outcome.to_dict()
     if outcome.result == "unchanged" and etag and outcome.sentinel_etag and etag != outcome.sentinel_etag:
         answer["result"] = "stale"
@@ -100,6 +106,7 @@ class ReconcileCycle:
         self.summary = TenantSummary(tenant_id=tenant.tenant_id)
         self.owner = f"{ctx.instance_id}-{uuid.uuid4().hex[:8]}"
         self._lease: LeaseKeeper | None = None
+        self._held = ExitStack()     # holds the lease from a successful start to finish
         self._marker: dict[str, Any] = {}
         self._listing: Iterator[dict[str, Any]] | None = None
         self._listing_started = utcnow()
@@ -110,14 +117,24 @@ class ReconcileCycle:
 
     def start(self) -> bool:
         store = self.ctx.state
-        lease = store.acquire_lease(self.tenant.tenant_id, "reconcile", self.owner, LEASE_SECONDS)
-        if lease is not None:
-            self._lease = LeaseKeeper(store, lease, LEASE_SECONDS)
-        if self._lease is None:
+        if not self.tenant.mirrors:
             self.summary.outcome = "skipped"
-            self.summary.error = "another instance holds this tenant's reconcile lease; skipped"
+            self.summary.error = "a data-only tenant is never mirrored; nothing to reconcile"
             return False
-        self._marker = store.get_marker("reconcile", self.tenant.tenant_id)
+        with ExitStack() as stack:  # a failure below gives the lease back at once
+            keeper = stack.enter_context(lease(store, self.tenant.tenant_id, "reconcile", self.owner, LEASE_SECONDS))
+            if keeper is None:
+                self.summary.outcome = "skipped"
+                self.summary.error = "another instance holds this tenant's reconcile lease; skipped"
+                return False
+            self._prepare()
+            self._lease = keeper
+            self._held = stack.pop_all()
+        return True
+
+    def _prepare(self) -> None:
+        """Read the reconcile marker and open the modified-since listing."""
+        self._marker = self.ctx.state.get_marker("reconcile", self.tenant.tenant_id)
         cursor = self._marker.get("cursor")
         self.summary.cursor_before = self.summary.cursor_after = cursor
         if self.since is not None:
@@ -127,7 +144,6 @@ class ReconcileCycle:
         else:
             lower = self._listing_started - timedelta(days=self.ctx.settings.initial_lookback_days)
         self._listing = self.ctx.sentinel.list_incidents(modified_since=lower, deadline=self.deadline)
-        return True
 
     def step(self) -> bool:
         self.deadline.check(self.deadline.reserve(3.0))
@@ -157,7 +173,7 @@ class ReconcileCycle:
                     self._marker["lastRun"] = {"finishedAt": format_time(utcnow()), "outcome": self.summary.outcome}
                     self._save_marker()
             finally:
-                self._lease.release()
+                self._held.close()
                 self._lease = None
         log.info("reconcile %s", self.summary.outcome, extra={
             "tenantId": self.tenant.tenant_id, "action": "reconcile", "outcome": self.summary.outcome,
@@ -167,8 +183,7 @@ class ReconcileCycle:
     # ------------------------------------------------------------------ internals
     def _keep_lease(self) -> None:
         assert self._lease is not None
-        if self._lease.lost:
-            raise ApiError("the tenant's reconcile lease was lost to another instance")
+        self._lease.check()
 
     def _save_marker(self) -> None:
         self.ctx.state.set_marker("reconcile", self.tenant.tenant_id, self._marker)

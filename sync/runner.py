@@ -181,7 +181,9 @@ def status(ctx: AppContext) -> dict[str, Any]:
             "lagSeconds": round(lag, 1) if lag is not None else None, "lastRun": last_run,
             "deadLetters": len(letters), "deadLettersGivenUp": sum(1 for d in letters if d.given_up),
             "deadLettersByKind": by_kind, "mirrorsWaiting": mirrors_waiting(letters),
-            "reconcile": reconcile, "healthy": ok,
+            "reconcile": reconcile,
+            "mirrorRetriesWaiting": sum(1 for d in letters if d.kind == "mirror" and not d.given_up),
+            "healthy": ok,
         })
     return {"healthy": healthy, "checkedAt": format_time(now), "tenants": tenants}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +46,15 @@ ALERT_ROW_CHARS = 400_000   # ASCII JSON of an alerts map per row: 800 KB by the
 MAX_ALERT_ROWS = 8          # rows of one incident's alerts map (about 40,000 alerts); more is not kept
 ALERT_ROW_SEP = "~alerts~"  # RowKey of an incident's alerts rows: <incident key>~alerts~<n>
 DEAD_LETTER_MAX_RETRIES = 5
+# Kinds never given up: a failed mirror leaves nothing else that would ever mirror the incident, so it is retried,
+# ever more slowly, until it is mirrored or gone (404).
+RETRY_FOREVER = frozenset({"mirror"})
+BACKOFF_BASE_SECONDS = 60.0
+BACKOFF_MAX_SECONDS = 3600.0
+
+
+class StaleWrite(Exception):
+    """A conditional write found the entity changed by another writer since it was read."""
 
 
 def _key(value: str) -> str:
@@ -136,6 +144,7 @@ class DeadLetter:
     last_failed_at: str
     version: str | None = None
     given_up: bool = False
+    next_attempt_at: str | None = None   # not retried before this time (exponential backoff for RETRY_FOREVER)
 
 
 class StateStore:
@@ -188,7 +197,9 @@ class StateStore:
         )
 
     def save_tenant(self, state: TenantState) -> None:
-        """Write the tenant's progress (replace: absent fields are cleared)."""
+        """Write the tenant's progress (replace: absent fields are cleared) if it is still as read (``If-Match`` on
+        ``state.etag``; None: it must not exist yet), and keep the new ETag in ``state``. Raises :class:`StaleWrite`
+        when another owner wrote it meanwhile: an old lease holder never overwrites a new one's progress."""
         entity: dict[str, Any] = {
             "PartitionKey": "tenant", "RowKey": _key(state.tenant_id), "TenantId": state.tenant_id,
             "Cursor": state.cursor or "", "SliceLower": state.slice_lower or "", "SliceUpper": state.slice_upper or "",
@@ -197,7 +208,17 @@ class StateStore:
         entity.update(_split_json("Position", state.position))
         entity.update(_split_json("LastRun", state.last_run))
         check_entity(entity)  # a clear error naming the limit instead of the service's 400
-        self.table(TENANTS).upsert_entity(entity, mode=UpdateMode.REPLACE)
+        table = self.table(TENANTS)
+        try:
+            if state.etag is None:
+                meta = table.create_entity(entity)
+            else:
+                meta = table.update_entity(entity, mode=UpdateMode.REPLACE, etag=state.etag,
+                                           match_condition=MatchConditions.IfNotModified)
+        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError) as exc:
+            raise StaleWrite(f"tenant {state.tenant_id}: its progress was written by another owner since it was "
+                             "read; not overwritten") from exc
+        state.etag = str(meta["etag"])
 
     # ----------------------------------------------------------------- ingested versions
     def get_versions(self, tenant_id: str, incident_ids: Iterable[str]) -> dict[str, IncidentVersion]:
@@ -308,14 +329,15 @@ class StateStore:
         now = utcnow()
         expires = now + timedelta(seconds=seconds)
         entity = {"PartitionKey": "lease", "RowKey": rk, "Owner": owner, "ExpiresAt": format_time(expires)}
+        try:  # a released lease is deleted: creating it is the common case, one call
+            meta = table.create_entity(entity)
+            return Lease(tenant_id, scope, owner, expires, str(meta["etag"]))
+        except ResourceExistsError:
+            pass
         try:
             current = table.get_entity("lease", rk)
         except ResourceNotFoundError:
-            try:
-                meta = table.create_entity(entity)
-            except ResourceExistsError:
-                return None
-            return Lease(tenant_id, scope, owner, expires, str(meta["etag"]))
+            return None  # released just now by its holder: the next try takes it
         held_until = parse_time(str(current.get("ExpiresAt") or "1970-01-01T00:00:00Z"))
         if current.get("Owner") != owner and held_until > now:
             return None
@@ -350,23 +372,29 @@ class StateStore:
 
     # ----------------------------------------------------------------- dead letters
     def dead_letter(self, tenant_id: str, kind: str, key: str, error: str, *, version: str | None = None,
-                    max_retries: int = DEAD_LETTER_MAX_RETRIES) -> DeadLetter:
-        """Record (or count again) a failure. After ``max_retries`` the entry is marked given up."""
+                    max_retries: int = DEAD_LETTER_MAX_RETRIES, backoff: bool = True) -> DeadLetter:
+        """Record (or count again) a failure. After ``max_retries`` the entry is marked given up, except for the
+        kinds in :data:`RETRY_FOREVER`, which wait twice as long after each failure instead (up to an hour;
+        ``backoff=False``: due again at once, for a failure that says nothing about the incident, e.g. it was busy)."""
         table = self.table(DEAD_LETTERS)
         rk = _key(f"{kind}|{key}")
-        now = format_time(utcnow())
+        clock = utcnow()
+        now = format_time(clock)
         try:
             e = table.get_entity(_key(tenant_id), rk)
             retries = int(e.get("RetryCount", 0)) + 1
             first = str(e.get("FirstFailedAt", now))
         except ResourceNotFoundError:
             retries, first = 0, now
+        forever = kind in RETRY_FOREVER
+        wait = min(BACKOFF_BASE_SECONDS * 2 ** min(retries, 20), BACKOFF_MAX_SECONDS) if forever and backoff else 0.0
         letter = DeadLetter(tenant_id, kind, key, error[:2000], retries, first, now, version,
-                            given_up=retries >= max_retries)
+                            given_up=not forever and retries >= max_retries,
+                            next_attempt_at=format_time(clock + timedelta(seconds=wait)))
         table.upsert_entity({
             "PartitionKey": _key(tenant_id), "RowKey": rk, "Kind": kind, "Key": key, "Error": letter.error,
             "RetryCount": retries, "FirstFailedAt": first, "LastFailedAt": now, "Version": version or "",
-            "GivenUp": letter.given_up,
+            "GivenUp": letter.given_up, "NextAttemptAt": letter.next_attempt_at,
         }, mode=UpdateMode.REPLACE)
         return letter
 
@@ -376,7 +404,7 @@ class StateStore:
             yield DeadLetter(tenant_id, str(e["Kind"]), str(e["Key"]), str(e.get("Error", "")),
                              int(e.get("RetryCount", 0)), str(e.get("FirstFailedAt", "")),
                              str(e.get("LastFailedAt", "")), str(e.get("Version") or "") or None,
-                             bool(e.get("GivenUp", False)))
+                             bool(e.get("GivenUp", False)), str(e.get("NextAttemptAt") or "") or None)
 
     def resolve_dead_letter(self, tenant_id: str, kind: str, key: str) -> None:
         try:
@@ -458,48 +486,6 @@ class StateStore:
             params["after"] = _key(after)
         for e in self.table(LINKS).query_entities(query, parameters=params):
             yield str(e["IncidentId"]), {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
-
-
-class LeaseKeeper:
-    """Renews a held lease from a background thread while a cycle works, however long one step takes.
-
-    A killed process stops renewing, so its lease lapses within one lease period; a renewal that fails means another
-    instance took the tenant: :attr:`lost` turns True and the cycle must stop writing progress.
-    """
-
-    def __init__(self, store: StateStore, lease: Lease, seconds: float) -> None:
-        self.lease = lease
-        self.lost = False
-        self._store = store
-        self._seconds = seconds
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.scope}-{lease.tenant_id[:8]}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._seconds / 3):
-            try:
-                with self._lock:
-                    renewed = self._store.renew_lease(self.lease, self._seconds)
-            except Exception:  # a transient storage error: try again next beat; the lease outlives two misses
-                log.warning("lease renewal failed; retrying", extra={"tenantId": self.lease.tenant_id,
-                                                                     "action": "lease", "outcome": "retry"})
-                continue
-            if not renewed:
-                self.lost = True
-                log.warning("lease lost to another instance", extra={"tenantId": self.lease.tenant_id,
-                                                                     "action": "lease", "outcome": "lost"})
-                return
-
-    def release(self) -> None:
-        """Stop renewing and give the lease back (only if still ours)."""
-        self._stop.set()
-        self._thread.join(timeout=30)
-        with self._lock:
-            if not self.lost:
-                self._store.release_lease(self.lease)
 
 
 def _marker_key(kind: str, tenant_id: str) -> tuple[str, str]:

@@ -8,6 +8,8 @@ Each seed builds two tenants with a few incidents, mirrors them, then interleave
   ``determination:<value>`` labels, valid or not), comments; after each, the Logic App's trigger body is kept and the
   webhook is delivered now, dropped, duplicated or delayed (delayed bodies are delivered later, in random order);
 * ``defender_pull``, ``sentinel_reconcile`` and ``sync_run`` (reconcile) runs;
+* concurrency: two webhook deliveries of one incident at the same moment, and a reconcile beside a pull (sometimes
+  with a webhook as well), each in its own thread, as separate instances would run them;
 * crashes: the k-th request to Graph or Sentinel in the next run fails for good (a non-retryable error or a dropped
   connection), so a sync stops between any two of its reads and writes; and restarts (a new process context).
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ import pytest
 from conftest import apply_settings
 from harness import http, run_timer
 
-from emulators.base import EmuRequest, Fault
+from emulators.base import EmuRequest, Fault, match_request
 from sync.mirror_target import SentinelTarget
 
 
@@ -355,6 +358,41 @@ class Model:
             self.note("reconcile")
             run_timer("sentinel_reconcile")
 
+    def concurrent_webhooks(self) -> None:
+        """Two automation-rule runs of one incident (an analyst comments, then acts) deliver at the same moment; the
+        comment listing is slowed so each sync holds its Defender read while the other runs."""
+        tenant, incident_id = self.pick()
+        name = self.name(tenant, incident_id)
+        self.sentinel.analyst_comment(name, self.text("Sentinel"), "analyst@mssp.example")
+        self.sentinel_changes += 1
+        body = self.sentinel.trigger_body(name)
+        self.note(f"S {tenant[:4]}/{incident_id} comment, two webhooks at once")
+        self.hub.faults.queue("sentinel", Fault("delay", seconds=0.2), times=2,
+                              when=match_request("GET", path=r"/comments$"))
+        try:
+            _at_once([lambda: self.deliver(body), lambda: self.deliver(body)])
+        finally:
+            self.hub.faults.clear()
+
+    def concurrent_cycles(self) -> None:
+        """A reconcile beside a pull (two timers on two instances), sometimes with a webhook delivered meanwhile."""
+        calls: list[Callable[[], None]] = [self.pull, self.reconcile_now(self.rng.random() < 0.3)]
+        if self.rng.random() < 0.5:
+            tenant, incident_id = self.pick()
+            body = self.sentinel.trigger_body(self.name(tenant, incident_id))
+            calls.append(lambda: self.deliver(body))
+        self.note(f"{len(calls)} runs at once")
+        _at_once(calls)
+
+    def reconcile_now(self, via_http: bool) -> Callable[[], None]:
+        def run() -> None:
+            if via_http:
+                status, answer = http("sync_run", body={"direction": "reconcile"})
+                assert status == 200, answer
+            else:
+                run_timer("sentinel_reconcile")
+        return run
+
     def deliver_pending(self) -> None:
         if not self.pending:
             return
@@ -532,6 +570,27 @@ class Model:
         return problems
 
 
+def _at_once(calls: list[Callable[[], None]]) -> None:
+    """Run the calls in threads released together; re-raise the first failure."""
+    barrier = threading.Barrier(len(calls))
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], None]) -> None:
+        barrier.wait()
+        try:
+            call()
+        except BaseException as exc:  # handed to the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+
+
 def _probe_links(model: Model) -> None:
     """After all that, every link still carries a fresh edit each way (no link wedged, no base gone stale). The
     Sentinel edits come first and alone: label- and comment-only, with no webhook and no ``lastModifiedTimeUtc`` bump,
@@ -624,6 +683,7 @@ def _operations(model: Model) -> list[tuple[str, Callable[[], None], int]]:
         ("crash", model.crash, 4), ("interfere", model.interfere, 4), ("restart", model.restart, 1),
         ("defender-redirect", model.defender_redirect, 1), ("defender-delete", model.defender_delete, 1),
         ("sentinel-delete", model.sentinel_delete, 1),
+        ("concurrent-webhooks", model.concurrent_webhooks, 3), ("concurrent-cycles", model.concurrent_cycles, 3),
     ]
 
 
