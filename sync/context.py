@@ -7,7 +7,11 @@ process; a change of settings (tests, or a restarted host) builds a new context.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 from .credentials import CredentialProvider
 from .graph import GraphSecurityClient
@@ -17,6 +21,11 @@ from .sentinel import SentinelClient
 from .settings import Settings, load_settings, settings_fingerprint
 from .shared_budget import SharedRateBudget
 from .state import LEASES, StateStore
+from .targets import MirrorTarget
+from .targets.sentinel_api import SentinelTarget
+from .timeutil import utcnow
+
+MIRROR_REQUESTS_STREAM = "Custom-DefenderMirrorRequests"
 
 
 class AppContext:
@@ -32,6 +41,13 @@ class AppContext:
         self._sentinel: SentinelClient | None = None
         self._graph: dict[str, GraphSecurityClient] = {}
         self._graph_limiters: dict[str, RateLimiter] = {}
+        self._target: MirrorTarget | None = None
+        self._portal: Any = None
+        self._request_client: Any = None
+        # The defender-portal target's clock and sleep (request times, the 30-minute re-request, the request pace):
+        # tests move them instead of waiting minutes.
+        self.clock: Callable[[], datetime] = utcnow
+        self.sleep: Callable[[float], None] = time.sleep
 
     @property
     def state(self) -> StateStore:
@@ -64,6 +80,58 @@ class AppContext:
                 self._sentinel = SentinelClient(session, s.arm_endpoint, s.sentinel_workspace_id,
                                                 write_limiter=writes)
             return self._sentinel
+
+    @property
+    def target(self) -> MirrorTarget:
+        """The mirror target of ``SYNC_MIRROR_TARGET``."""
+        sentinel, state = self.sentinel, self.state  # outside the lock: both take it
+        with self._lock:
+            if self._target is None:
+                if self.settings.mirror_target == "defender-portal":
+                    from .mirror_requests import MirrorRequestStore
+                    from .targets.defender_portal import DefenderPortalTarget
+
+                    assert self.settings.mirror_rule_id is not None  # settings refuse defender-portal without it
+                    self._target = DefenderPortalTarget(sentinel, self.settings.mirror_rule_id,
+                                                        MirrorRequestStore(state.service), lambda: self.clock())
+                else:
+                    self._target = SentinelTarget(sentinel)
+            return self._target
+
+    def portal_phase(self) -> Any:
+        """The defender-portal target's request/link phase (:class:`~sync.targets.defender_portal.PortalMirrorPhase`),
+        or None with ``sentinel-api``."""
+        if self.settings.mirror_target != "defender-portal":
+            return None
+        from .incident_sync import IncidentSyncer
+        from .mirror_requests import RequestDispatcher
+        from .targets.defender_portal import DefenderPortalTarget, MirrorLinker, PortalMirrorPhase
+
+        target, state = self.target, self.state
+        assert isinstance(target, DefenderPortalTarget)
+        with self._lock:
+            if self._portal is None:
+                def sync(tenant: Any, incident_id: str, deadline: Any) -> Any:
+                    return IncidentSyncer(self).sync(tenant, incident_id, deadline=deadline, trigger="link")
+
+                pace = SharedRateBudget(state.table(LEASES), "mirror-requests",
+                                        self.settings.mirror_requests_per_minute,
+                                        clock=lambda: self.clock().timestamp(), sleep=lambda s: self.sleep(s))
+                linker = MirrorLinker(target, state, self.settings.tenant, sync)
+                dispatcher = RequestDispatcher(target.requests, pace, self._upload_requests, clock=lambda: self.clock())
+                self._portal = PortalMirrorPhase(target, linker, dispatcher, state, owner=self.instance_id)
+            return self._portal
+
+    def _upload_requests(self, rows: list[dict[str, Any]]) -> None:
+        """One call, no retries: every row handed to the API must have taken a unit of the request pace."""
+        if self._request_client is None:
+            from azure.monitor.ingestion import LogsIngestionClient
+
+            s = self.settings
+            self._request_client = LogsIngestionClient(s.logs_ingestion_endpoint, self.credentials.app(),
+                                                       credential_scopes=[s.logs_ingestion_scope], retry_total=0)
+        self._request_client.upload(rule_id=self.settings.logs_dcr_immutable_id, stream_name=MIRROR_REQUESTS_STREAM,
+                                    logs=rows)
 
     def graph(self, tenant_id: str) -> GraphSecurityClient:
         """The Graph client of one tenant: its own credential, token and request-rate cap."""

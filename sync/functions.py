@@ -64,7 +64,16 @@ def run(ctx: AppContext, direction: str, tenants: list[TenantConfig], budget: fl
         since: datetime | None = None) -> CycleSummary:
     """One cycle over ``tenants`` within ``budget`` seconds."""
     deadline = Deadline(budget)
-    return run_cycle(ctx, direction, tenants, deadline, _cycle_factory(direction), since=since)
+    phase = ctx.portal_phase() if direction == "pull" else None
+    if phase is None:
+        return run_cycle(ctx, direction, tenants, deadline, _cycle_factory(direction), since=since)
+    # defender-portal: link what the rule made and send what the pace allows now, pull, then keep sending at the pace
+    # (linking each minute) while the budget lasts.
+    before = phase.run(deadline, wait=False)
+    summary = run_cycle(ctx, direction, tenants, deadline, _cycle_factory(direction), since=since)
+    after = phase.run(deadline, wait=True)
+    summary.mirror_requests = before.merged(after).to_dict()
+    return summary
 
 
 def timer_cycle(direction: str) -> CycleSummary | None:

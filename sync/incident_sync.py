@@ -51,8 +51,8 @@ from .mapping import (
     to_sentinel_properties,
 )
 from .merge import MergeResult, merge
-from .mirror_target import MirrorTarget, SentinelTarget
 from .settings import TenantConfig
+from .targets import MirrorTarget
 from .telemetry import traced_incident_sync
 from .timeutil import canonical_time, parse_time
 
@@ -78,7 +78,7 @@ class IncidentBusy(ApiError):
 
 @dataclass
 class SyncOutcome:
-    """What one sync did. ``result``: applied | unchanged | ignored | created."""
+    """What one sync did. ``result``: applied | unchanged | ignored | created | requested (defender-portal)."""
 
     tenant_id: str
     incident_id: str
@@ -136,7 +136,7 @@ class IncidentSyncer:
 
     def __init__(self, ctx: AppContext, target: MirrorTarget | None = None) -> None:
         self.ctx = ctx
-        self.target: MirrorTarget = target or SentinelTarget(ctx.sentinel)
+        self.target: MirrorTarget = target or ctx.target
         self.owner_map = OwnerMap(ctx.settings.owner_map)
 
     @traced_incident_sync  # sync.incident span: tenantId, incidentId, trigger, result
@@ -219,6 +219,11 @@ class IncidentSyncer:
                 outcome.result, outcome.reason = "ignored", "mirrored by the built-in Defender XDR connector"
                 builtin_link = {"sentinelName": str(builtin.get("name", "")), "state": LINK_BUILTIN}
                 return outcome if state.save_link(tid, incident_id, builtin_link, etag=None) else None
+            if self.target.request_mirror(tenant, defender):
+                # defender-portal: the mirror rule makes the mirror; it is linked, then synced, when it appears.
+                outcome.result, outcome.reason = "requested", "mirror requested from the mirror analytics rule"
+                outcome.sentinel_name = None
+                return outcome
         base = fields_from_dict(link.get("base")) if link else None
         writable = tenant.writes_defender and not is_redirected(defender)
         merged_box: dict[str, Any] = {}

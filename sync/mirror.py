@@ -56,6 +56,8 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
         if incident_id in letters:
             ctx.state.resolve_dead_letter(tenant.tenant_id, "mirror", incident_id)
             letters.pop(incident_id, None)
+        if outcome.result == "requested":
+            summary.mirror_requested += 1
         if outcome.wrote_sentinel or outcome.result == "created":
             summary.mirrored += 1
         if outcome.wrote_defender:

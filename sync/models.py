@@ -34,6 +34,7 @@ class TenantSummary:
     requests: int = 0
     skipped: int = 0
     filtered: int = 0
+    mirror_requested: int = 0
     outcome: str = "success"
     error: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -45,6 +46,7 @@ class TenantSummary:
             "pushed": self.pushed, "deadLettered": self.dead_lettered, "cursorBefore": self.cursor_before,
             "cursorAfter": self.cursor_after, "error": self.error, "outcome": self.outcome,
             "requests": self.requests, "skipped": self.skipped, "filtered": self.filtered, "notes": self.notes,
+            "mirrorRequested": self.mirror_requested,
         }
 
 
@@ -57,7 +59,13 @@ class CycleSummary:
     finished_at: str | None = None
     budget_exhausted: bool = False
     tenants: list[TenantSummary] = field(default_factory=list)
+    #: defender-portal: what the request/link phases did (sent, re-requested, linked, duplicates, waiting, rule).
+    mirror_requests: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"direction": self.direction, "startedAt": self.started_at, "finishedAt": self.finished_at,
-                "budgetExhausted": self.budget_exhausted, "tenants": [t.to_dict() for t in self.tenants]}
+        out: dict[str, Any] = {
+            "direction": self.direction, "startedAt": self.started_at, "finishedAt": self.finished_at,
+            "budgetExhausted": self.budget_exhausted, "tenants": [t.to_dict() for t in self.tenants]}
+        if self.mirror_requests is not None:
+            out["mirrorRequests"] = self.mirror_requests
+        return out

@@ -163,6 +163,11 @@ class StateStore:
             raise ValueError("identity-based state storage needs a table service URI and a credential")
         return cls(TableServiceClient(endpoint=config.table_uri, credential=credential))
 
+    @property
+    def service(self) -> TableServiceClient:
+        """The Table service the state lives in (other stores of the app keep their tables there too)."""
+        return self._service
+
     def table(self, name: str) -> TableClient:
         client = self._clients.get(name)
         if client is None:

@@ -38,7 +38,7 @@ from conftest import apply_settings
 from harness import http, run_timer
 
 from emulators.base import EmuRequest, Fault, match_request
-from sync.mirror_target import SentinelTarget
+from sync.targets.sentinel_api import SentinelTarget
 
 
 def _seeds() -> list[int]:

@@ -36,7 +36,7 @@ from opentelemetry.trace import StatusCode
 
 from emulators.base import Fault
 from sync import telemetry
-from sync.mirror_target import SentinelTarget
+from sync.targets.sentinel_api import SentinelTarget
 from sync.telemetry import REDACTED, RedactingLogRecordProcessor, RedactingSpanProcessor, Redactor, sensitive_key
 
 ROOT = Path(__file__).resolve().parent.parent

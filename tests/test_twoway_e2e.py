@@ -20,7 +20,7 @@ from harness import http, run_queue, run_timer
 
 from emulators.base import Fault
 from sync.context import get_context
-from sync.mirror_target import SentinelTarget
+from sync.targets.sentinel_api import SentinelTarget
 from sync.timeutil import format_time, utcnow
 
 CONTOSO, FABRIKAM = "Contoso", "Fabrikam"

@@ -1,63 +1,23 @@
-"""Where Defender incidents are mirrored, behind one small interface.
-
-Today the target is a Sentinel incident created through the incidents REST API. A second target is planned for
-workspaces onboarded to the unified Defender portal (an analytics rule excluded from correlation creates the incident
-from the table row; the app links and updates it): it implements the same protocol.
+"""The ``sentinel-api`` mirror target: each mirror is created and kept current through the Sentinel incidents REST
+API (GET, merge, PUT with the ETag). Right for workspaces still managed in the Azure portal; in a workspace onboarded
+to the unified Defender portal such incidents are not shown in the incident queue (use ``defender-portal``).
 """
 
 from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from .budget import Deadline
-from .sentinel import ConflictError, SentinelClient
+from ..budget import Deadline
+from ..sentinel import ConflictError, SentinelClient
+from ..settings import TenantConfig
+from . import UNREAD, Mutate, TargetComment
 
 # Fixed namespace: the Sentinel incident name of a Defender incident never changes across versions or deployments.
 _NAMESPACE = uuid.UUID("9d3c8a0e-6a4f-4f7e-b3f1-2d7e5c9a1b40")
 BUILTIN_PROVIDERS = frozenset({"microsoft xdr", "microsoft 365 defender", "microsoft defender xdr"})
-
-Mutate = Callable[[dict[str, Any] | None], dict[str, Any] | None]
-
-
-class _Unread:
-    """Marker: the caller has not read the incident (``write`` reads it itself)."""
-
-
-UNREAD: Any = _Unread()
-
-
-@dataclass(frozen=True)
-class TargetComment:
-    """A comment on the mirror: its ID there, author, creation time and text."""
-
-    comment_id: str
-    author: str
-    created: str
-    text: str
-
-
-class MirrorTarget(Protocol):
-    """Find or create, read, write, and comment on the mirror of one Defender incident."""
-
-    def name_for(self, tenant_id: str, incident_id: str) -> str: ...
-
-    def url(self, name: str) -> str: ...
-
-    def read(self, name: str, *, deadline: Deadline) -> dict[str, Any] | None: ...
-
-    def write(self, name: str, mutate: Mutate, *, deadline: Deadline,
-              current: dict[str, Any] | None = UNREAD) -> dict[str, Any] | None: ...
-
-    def find_builtin(self, tenant_id: str, incident_id: str, *, deadline: Deadline) -> dict[str, Any] | None: ...
-
-    def comments(self, name: str, *, deadline: Deadline) -> list[TargetComment]: ...
-
-    def add_comment(self, name: str, comment_id: str, text: str, *, deadline: Deadline) -> None: ...
 
 
 class SentinelTarget:
@@ -65,6 +25,14 @@ class SentinelTarget:
 
     def __init__(self, client: SentinelClient) -> None:
         self.client = client
+
+    def request_mirror(self, tenant: TenantConfig, defender: dict[str, Any]) -> bool:
+        """False: this target creates the mirror itself, on the first write."""
+        return False
+
+    def excluded_from_builtin(self, resource: dict[str, Any]) -> bool:
+        """Whether an incident that looks like the built-in connector's is in fact the app's own (none here)."""
+        return False
 
     def name_for(self, tenant_id: str, incident_id: str) -> str:
         """Deterministic incident name (GUID) from tenant + incident ID: a retry can never create a second one."""
@@ -105,7 +73,8 @@ class SentinelTarget:
         home: str | None = None
         for incident in self.client.list_incidents(provider_incident_id=incident_id, deadline=deadline, top=50):
             props = incident.get("properties") or {}
-            if str(props.get("providerName", "")).lower() not in BUILTIN_PROVIDERS:
+            if str(props.get("providerName", "")).lower() not in BUILTIN_PROVIDERS or self.excluded_from_builtin(
+                    incident):
                 continue
             if str(props.get("providerIncidentId", "")) != incident_id:
                 continue
