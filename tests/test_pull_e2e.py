@@ -341,3 +341,28 @@ def test_a_table_failing_mid_page_never_duplicates_what_was_stored(two_tenants: 
     assert_complete_once(world, tenants)
     evidence = [r["RecordId"] for r in world.rows("DefenderEvidence_CL")]
     assert len(evidence) == len(set(evidence)), "evidence rows were written twice"
+
+
+def test_a_dcr_refusing_every_row_is_an_outage_not_dead_letters(one_tenant: Any) -> None:
+    """The DCR's stream drifted from infra/tables (here: a column it no longer declares, present in every row):
+    every row is refused alone. That is an outage: no dead letter per incident, no cursor move; once the DCR is
+    fixed, the next run stores everything exactly once."""
+    world, tenant = one_tenant("Drift", 31, 40)
+    with world.ingestion.lock:
+        del world.ingestion.schemas["DefenderEvidence_CL"]["TenantName"]
+    try:
+        status, body = http("sync_run", body={})
+    finally:
+        world.ingestion.reload_schemas()
+    run = body["tenants"][0]
+    assert status == 200 and run["outcome"] == "error" and "data collection rule" in run["error"]
+    oldest = min(canonical_time(world.get_incident(tenant, i)["lastUpdateDateTime"])
+                 for i in world.incident_ids(tenant))
+    assert run["deadLettered"] == 0 and (run["cursorAfter"] is None or canonical_time(run["cursorAfter"]) < oldest)
+    assert world.rows("DefenderIncidents_CL") == [] and world.rows("DefenderEvidence_CL") == []
+    _, health = http("sync_status", "GET")
+    assert health["tenants"][0]["deadLetters"] == 0
+    http("sync_run", body={})
+    assert_complete_once(world, [tenant])
+    evidence = [r["RecordId"] for r in world.rows("DefenderEvidence_CL")]
+    assert evidence and len(evidence) == len(set(evidence))
