@@ -12,6 +12,7 @@ Transactions stay inside one partition and under the service's 100-operation lim
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -41,6 +42,7 @@ ALL_TABLES = (TENANTS, INCIDENTS, LEASES, DEAD_LETTERS, LINKS)
 
 BATCH_LIMIT = 100           # Table service transaction limit
 READ_WORKERS = 8            # concurrent point reads per page
+RANGE_ROWS = 200            # entities one version look-up reads by range before falling back to point reads
 PROPERTY_CHARS = 30_000     # string properties hold 64 KiB of UTF-16: stay well under
 MAX_CHUNKS = 25             # an entity holds 1 MiB; keep JSON spill under ~750 KB
 DEAD_LETTER_MAX_RETRIES = 5
@@ -49,6 +51,18 @@ DEAD_LETTER_MAX_RETRIES = 5
 def _key(value: str) -> str:
     """Table keys may not contain / \\ # ? or control characters."""
     return "".join("_" if c in "/\\#?" or ord(c) < 32 or 127 <= ord(c) < 160 else c for c in value)
+
+
+@functools.cache
+def _read_pool() -> ThreadPoolExecutor:
+    """One pool of point-read threads for the process (a pool per page cost thread start-ups on every page)."""
+    return ThreadPoolExecutor(max_workers=READ_WORKERS, thread_name_prefix="state-read")
+
+
+def _version_of(e: dict[str, Any]) -> IncidentVersion:
+    return IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
+                           alerts=_join_json("Alerts", e, {}), partial=bool(e.get("Partial", False)),
+                           incident_row_stored=bool(e.get("IncidentRowStored", True)))
 
 
 def _split_json(prefix: str, value: Any) -> dict[str, str]:
@@ -184,27 +198,39 @@ class StateStore:
 
     # ----------------------------------------------------------------- ingested versions
     def get_versions(self, tenant_id: str, incident_ids: Iterable[str]) -> dict[str, IncidentVersion]:
-        """The stored versions of these incidents, by point reads a few at a time.
+        """The stored versions of these incidents: one RowKey range query over the IDs' span, then point reads for
+        the IDs past what it returned.
 
-        Point reads cost the same however many incidents a tenant has; an ``or`` of RowKeys is a partition scan
-        that grows with the tenant (measured: 13 ms per page at 2k incidents, 71 ms at 50k).
+        Why: a point read costs about 1.8 ms of client CPU (azure-core's pipeline per request; 5,000 of them were a
+        third of a 10,000-incident pull), a range query returning 50 entities about 4 ms. A page's IDs are mostly
+        neighbours (incidents updated together were created together), but an old incident updated beside new ones
+        widens the span over incidents not asked for, so the query stops at :data:`RANGE_ROWS` entities and IDs
+        past its last key are read one by one, on a pool kept for the process (not one per page).
         """
-        ids = list(dict.fromkeys(incident_ids))
+        wanted = {_key(i): i for i in dict.fromkeys(incident_ids)}
+        if not wanted:
+            return {}
+        keys = sorted(wanted)
         table = self.table(INCIDENTS)
         pk = _key(tenant_id)
+        pages: Any = table.query_entities("PartitionKey eq @pk and RowKey ge @low and RowKey le @high",
+                                          parameters={"pk": pk, "low": keys[0], "high": keys[-1]},
+                                          results_per_page=RANGE_ROWS).by_page()
+        entities = list(next(pages, []))
+        found = {str(e["IncidentId"]): _version_of(e) for e in entities if e["RowKey"] in wanted}
+        rest: list[str] = []
+        if pages.continuation_token is not None:  # the span holds more than one page: read the rest one by one
+            last = entities[-1]["RowKey"] if entities else ""
+            rest = [wanted[k] for k in keys if k > last]
 
         def read(incident_id: str) -> IncidentVersion | None:
             try:
-                e = table.get_entity(pk, _key(incident_id))
+                return _version_of(table.get_entity(pk, _key(incident_id)))
             except ResourceNotFoundError:
                 return None
-            return IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
-                                   alerts=_join_json("Alerts", e, {}), partial=bool(e.get("Partial", False)),
-                                   incident_row_stored=bool(e.get("IncidentRowStored", True)))
 
-        with ThreadPoolExecutor(max_workers=min(READ_WORKERS, max(1, len(ids)))) as pool:
-            versions = list(pool.map(read, ids))
-        return {v.incident_id: v for v in versions if v is not None}
+        found.update((v.incident_id, v) for v in _read_pool().map(read, rest) if v is not None)
+        return found
 
     def save_versions(self, tenant_id: str, versions: Iterable[IncidentVersion]) -> None:
         """Record ingested versions, in transactions of at most 100 entities."""
