@@ -55,7 +55,7 @@ from azure.core.pipeline.policies import RetryPolicy
 from azure.monitor.ingestion import LogsIngestionClient, LogsUploadError
 
 from .budget import Deadline
-from .rows import STREAMS, load_columns
+from .rows import STREAMS, Row, load_columns
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +318,11 @@ class LogsSink:
 
     def _check_row(self, row: Any, columns: dict[str, str]) -> tuple[str | None, bytes]:
         """Why ``row`` cannot be sent (None when it can) and its one serialisation, as sent."""
+        if type(row) is Row and row.wire is not None:
+            text = row.wire  # built from the table's schema and serialised once by sync.rows
+            if len(text) + 2 > self.max_chunk_bytes:
+                return f"{len(text)} bytes serialised, over the {self.max_chunk_bytes}-byte request limit", b""
+            return None, text
         if not isinstance(row, dict):
             return f"a row must be a dict, not {type(row).__name__}", b""
         unknown = [key for key in row if key not in columns]
