@@ -675,8 +675,8 @@ def test_rows_carry_their_one_serialisation_and_drop_it_when_changed() -> None:
                                           "n": float("nan"), "deep": [[[1.5]]]}]}]}
     read_at = datetime.now(UTC)
     built = rows_for_incident(incident, tenant_id="t", tenant_name="n", read_at=read_at)
-    for rows in built.values():
-        for row in rows:
+    for table_rows in built.values():
+        for row in table_rows:
             assert isinstance(row, Row) and row.wire == json.dumps(row, allow_nan=False).encode("ascii")
     row = built["DefenderEvidence_CL"][0]
     row["Verdict"] = "malicious"
