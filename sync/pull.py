@@ -11,6 +11,7 @@ instead of holding the cursor.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -36,8 +37,13 @@ SLICE = timedelta(days=1)
 LEASE_SECONDS = 60.0
 STEP_RESERVE_SECONDS = 8.0  # room to store a fetched page (the sink starts no call with < 5 s left)
 DEAD_LETTER_RETRIES_PER_RUN = 20
+# Graph's clock may lag ours: an update time this close to the run's start counts as "during the run".
+MIN_CLOCK_MARGIN_SECONDS = 300.0
 # Marks an alert of a partly stored version whose evidence rows are stored but whose alert row is not.
 EVIDENCE_ONLY = "E:"
+# Marks an alert of a partly stored version some of whose evidence rows are not stored:
+# "P" + ("A" when its alert row is stored) + the missing evidence indexes, comma-separated + ":" + alert version.
+PART_STORED = re.compile(r"^P(A?)([0-9,]*):(.+)$")
 
 IncidentHook = Callable[[TenantConfig, dict[str, Any], TenantSummary, Deadline], None]
 
@@ -85,6 +91,7 @@ class TenantPull:
         self._retried = since is not None  # a one-off re-read leaves dead letters to the regular runs
         self._after_resume = False
         self._known_through: str | None = None
+        self._known_before_run: tuple[str | None] | None = None  # read_through as this run found it, once known
         self._graph = ctx.graph(tenant.tenant_id)
         self._stats_base = (self._graph_stats().requests, self._graph_stats().throttled)
 
@@ -318,6 +325,10 @@ class TenantPull:
             rows["DefenderEvidence_CL"].extend(ev_rows)
             pending[incident_id] = version
         failed, rejected, budget_spent, lost = self._upload(rows)
+        missing: dict[str, list[int]] = {}  # alert ID -> indexes of its evidence rows not stored
+        for row in rows["DefenderEvidence_CL"]:
+            if ("evidence-row", str(row.get("RecordId"))) in lost:
+                missing.setdefault(str(row.get("AlertId")), []).append(int(row.get("EvidenceIndex") or 0))
         stored: list[IncidentVersion] = []
         partial: list[IncidentVersion] = []
         for incident_id, version in pending.items():
@@ -325,8 +336,7 @@ class TenantPull:
                 stored.append(version)
                 continue
             # Part of it was stored: remember exactly which rows, so a retry sends only the rest (no duplicates).
-            kept = {a: (EVIDENCE_ONLY + v if ("alert", a) in lost else v) for a, v in version.alerts.items()
-                    if ("evidence", a) not in lost}
+            kept = {a: _stored_part(a, v, lost, missing) for a, v in version.alerts.items()}
             partial.append(IncidentVersion(incident_id, version.last_update, kept, partial=True,
                                            incident_row_stored=("incident", incident_id) not in lost))
         if stored or partial:
@@ -335,8 +345,7 @@ class TenantPull:
                            "are written again with its next version")
         self.summary.incidents += len(stored) + sum(1 for v in partial if v.incident_row_stored)
         self.summary.alerts += sum(1 for r in rows["DefenderAlerts_CL"] if ("alert", r.get("AlertId")) not in lost)
-        self.summary.evidence += sum(1 for r in rows["DefenderEvidence_CL"]
-                                     if ("evidence", r.get("AlertId")) not in lost)
+        self.summary.evidence += len(rows["DefenderEvidence_CL"]) - sum(map(len, missing.values()))
         if budget_spent:
             raise BudgetExhausted("time budget spent while storing rows; the page is read again next run")
         transient = {k: v for k, v in failed.items() if k not in rejected}
@@ -359,6 +368,8 @@ class TenantPull:
         assert self._state is not None
         state = self._state
         self._after_resume = current.resumed
+        if self._known_before_run is None:
+            self._known_before_run = (state.read_through,)
         if current.resumed:
             self._known_through = state.slice_known_through
             return
@@ -380,15 +391,28 @@ class TenantPull:
 
         Every version the app ever read came from a window that ended at or before ``read_through`` as it was when
         this slice started, or from the one page after a resumed position: an incident created after that was never
-        read (all times here are Graph's own clock). This spares a backfill one Table read per incident, while the
-        steady-state updates of older incidents are still looked up.
+        read (all times here are Graph's own clock). Within this run, a slice read before this one could only have
+        seen this incident at its current version on the boundary they share (an update time at this slice's
+        lower bound), or at an older version if it was updated after this run began; anything else created after
+        ``read_through`` as the run found it was never read. A backfill is thus spared a Table read per incident,
+        while the steady-state updates of older incidents are still looked up.
         """
         if self.since is not None or self._after_resume:
             return True
         if self._known_through is None:
             return False
         try:
-            return canonical_time(str(incident.get("createdDateTime"))) <= canonical_time(self._known_through)
+            created = canonical_time(str(incident.get("createdDateTime")))
+            if created > canonical_time(self._known_through):
+                return False
+            assert self._current is not None
+            before_run = self._known_before_run[0] if self._known_before_run is not None else None
+            if self._current.resumed or (before_run is not None and created <= canonical_time(before_run)):
+                return True  # earlier runs may have read it
+            updated = canonical_time(str(incident.get("lastUpdateDateTime")))
+            margin = timedelta(seconds=max(self.ctx.settings.overlap_seconds, MIN_CLOCK_MARGIN_SECONDS))
+            return (updated <= canonical_time(self._current.lower)
+                    or updated >= canonical_time(format_time(self.started - margin)))
         except ValueError:
             return True
 
@@ -414,6 +438,19 @@ class TenantPull:
             raw_time = alert.get("lastUpdateDateTime") or alert.get("createdDateTime")
             alert_version = canonical_time(str(raw_time)) if raw_time else version
             stored_as = alert_versions.get(alert_id, "")
+            part = PART_STORED.match(stored_as)
+            if part is not None and part.group(3) == alert_version:  # send only the rows still missing
+                if not part.group(1):
+                    new_alerts.append(alert_row(alert, incident_id=incident_id, tenant_id=t.tenant_id,
+                                                tenant_name=t.name, read_at=read_at))
+                missing = {int(i) for i in part.group(2).split(",") if i}
+                new_evidence.extend(r for r in evidence_rows(alert, incident_id=incident_id, tenant_id=t.tenant_id,
+                                                             tenant_name=t.name, read_at=read_at)
+                                    if r.get("EvidenceIndex") in missing)
+                alert_versions[alert_id] = alert_version
+                continue
+            if part is not None:
+                stored_as = ""  # a part of an older version: this one is new
             evidence_stored = stored_as == EVIDENCE_ONLY + alert_version  # the alert row is still to send
             if not evidence_stored and stored_as >= alert_version and not stored_as.startswith(EVIDENCE_ONLY):
                 continue
@@ -453,6 +490,8 @@ class TenantPull:
                 failed.setdefault(str(row.get("IncidentId")), error)
                 kind = {"DefenderIncidents_CL": "incident", "DefenderAlerts_CL": "alert"}.get(table, "evidence")
                 lost.add((kind, str(row.get("IncidentId" if kind == "incident" else "AlertId"))))
+                if kind == "evidence":
+                    lost.add(("evidence-row", str(row.get("RecordId"))))
             rejected.update(str(row.get("IncidentId")) for row in result_rejected)
         # An incident whose alert rows failed keeps its incident row back too (it is sent with the retry).
         for incident_id in failed:
@@ -472,6 +511,15 @@ class TenantPull:
                                    version=str(version) if version else None)
         self.summary.dead_lettered += 1
         self._log("dead-letter", kind, incidentId=key, error=error[:300])
+
+
+def _stored_part(alert_id: str, alert_version: str, lost: set[tuple[str, str]], missing: dict[str, list[int]]
+                 ) -> str:
+    """What a partly stored version records for one alert (see :data:`EVIDENCE_ONLY`, :data:`PART_STORED`)."""
+    alert_stored = ("alert", alert_id) not in lost
+    if alert_id not in missing:
+        return alert_version if alert_stored else EVIDENCE_ONLY + alert_version
+    return f"P{'A' if alert_stored else ''}{','.join(map(str, sorted(missing[alert_id])))}:{alert_version}"
 
 
 __all__ = ["ApiError", "BudgetExhausted", "IngestError", "LeaseLost", "TenantPull"]

@@ -31,7 +31,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -145,6 +145,8 @@ def record_id(*parts: str) -> str:
 
 def _clean_str(text: str) -> str:
     """Replace lone surrogates (possible after ``json.loads`` of ``"\\ud800"``) so the text encodes as UTF-8."""
+    if text.isascii():  # the usual case, checked without encoding
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -154,20 +156,19 @@ def _clean_str(text: str) -> str:
 
 def _sanitize(value: Any, depth: int = 0) -> tuple[Any, bool]:
     """A JSON-safe deep copy of ``value`` and whether anything was cut for depth."""
-    if value is None or isinstance(value, bool | int):
+    kind = type(value)  # exact types first (what json.loads produces): the ABC checks are slow
+    if kind is str:
+        return _clean_str(value), False
+    if value is None or kind is bool or kind is int:
         return value, False
-    if isinstance(value, float):
+    if kind is float or (kind is not dict and kind is not list and isinstance(value, float)):
         # NaN/Infinity are not JSON (the service would reject the whole request): keep them as text.
         return (value if math.isfinite(value) else str(value)), False
-    if isinstance(value, str):
-        return _clean_str(value), False
-    if isinstance(value, datetime):
-        return _format_datetime(value), False
-    if isinstance(value, Mapping | list | tuple | set | frozenset):
+    if kind is dict or kind is list or isinstance(value, Mapping | list | tuple | set | frozenset):
         if depth >= MAX_DYNAMIC_DEPTH:
             return DEPTH_MARKER, True
         cut = False
-        if isinstance(value, Mapping):
+        if kind is dict or (kind is not list and isinstance(value, Mapping)):
             out: dict[str, Any] = {}
             for key, item in value.items():
                 clean, item_cut = _sanitize(item, depth + 1)
@@ -180,6 +181,12 @@ def _sanitize(value: Any, depth: int = 0) -> tuple[Any, bool]:
             items.append(clean)
             cut = cut or item_cut
         return items, cut
+    if isinstance(value, bool | int):  # subclasses (IntEnum)
+        return value, False
+    if isinstance(value, str):
+        return _clean_str(value), False
+    if isinstance(value, datetime):
+        return _format_datetime(value), False
     return _clean_str(str(value)), False
 
 
@@ -312,8 +319,9 @@ def _dynamic_size(value: Any) -> int:
     return _utf8_len(json.dumps(value, ensure_ascii=False))
 
 
-def _coerce(ctype: str, value: Any) -> tuple[Any, bool]:
-    """Value for a column of type ``ctype`` and whether it was cut. None means "omit"."""
+def _coerce(ctype: str, value: Any, *, sized: bool = True) -> tuple[Any, bool]:
+    """Value for a column of type ``ctype`` and whether it was cut. None means "omit". ``sized=False`` leaves a
+    dynamic value's size to the caller (:func:`_finish` knows it from the whole row's text)."""
     if value is None:
         return None, False
     if ctype == "string":
@@ -331,8 +339,13 @@ def _coerce(ctype: str, value: Any) -> tuple[Any, bool]:
         return _to_bool(value), False
     # dynamic
     clean, cut = _sanitize(value)
-    if clean is None:
-        return None, cut
+    if clean is None or not sized:
+        return clean, cut
+    return _fit_dynamic(clean, cut)
+
+
+def _fit_dynamic(clean: Any, cut: bool) -> tuple[Any, bool]:
+    """A sanitised dynamic value, cut to :data:`FIELD_MAX_BYTES` when its JSON is larger."""
     if _dynamic_size(clean) > FIELD_MAX_BYTES:
         # A cut dynamic value becomes a string of (cut) JSON text: never invalid JSON inside a dynamic column.
         text = clean if isinstance(clean, str) else _compact_json(clean)
@@ -386,8 +399,49 @@ def _fit_row(row: dict[str, Any], columns: Mapping[str, str], truncated: set[str
         size = _wire_len(row)
 
 
-def _finish(table: str, raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Coerce raw values to the table's declared types, cut oversized values and order keys like the schema."""
+class Row(dict[str, Any]):
+    """A built row (a plain dict to every reader) carrying ``wire``: its JSON text exactly as the Logs sink sends
+    it (``json.dumps`` defaults, ASCII, keys in schema order), made once while building, so that sizing,
+    chunking and the request body reuse it instead of serialising the row again. Any change to the row drops
+    ``wire`` (the sink then serialises the row itself); ``dict(row)`` is a plain dict."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None, wire: bytes | None = None) -> None:
+        super().__init__(values or {})
+        self.wire = wire
+
+
+def _drops_wire(name: str) -> Callable[..., Any]:
+    method = getattr(dict, name)
+
+    def changed(self: Row, *args: Any, **kwargs: Any) -> Any:
+        self.wire = None
+        return method(self, *args, **kwargs)
+
+    changed.__name__ = name
+    return changed
+
+
+for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem", "setdefault", "update"):
+    setattr(Row, _name, _drops_wire(_name))
+
+
+def _wire(row: Mapping[str, Any]) -> bytes | None:
+    """``row`` as the sink sends it, or None when it is not strict JSON (the sink then reports it)."""
+    try:
+        return json.dumps(row, allow_nan=False).encode("ascii")
+    except (TypeError, ValueError):
+        return None
+
+
+def _finish(table: str, raw: Mapping[str, Any]) -> Row:
+    """Coerce raw values to the table's declared types, cut oversized values and order keys like the schema.
+
+    Serialised once: when the row's text is at most :data:`FIELD_MAX_BYTES`, no field can be over its limit (a
+    field's UTF-8 size never exceeds its ASCII-escaped text, part of the row's) nor the row over
+    :data:`ROW_MAX_BYTES`, so that text is the answer; larger rows take the field-by-field checks and cuts.
+    """
     columns = _columns(table)
     values: dict[str, Any] = {}
     truncated: set[str] = set()
@@ -395,13 +449,23 @@ def _finish(table: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         ctype = columns.get(name)
         if ctype is None:  # a builder/schema mismatch is a bug: fail loudly, the tests catch it
             raise KeyError(f"{table} has no column {name!r}")
-        coerced, cut = _coerce(ctype, value)
+        coerced, cut = _coerce(ctype, value, sized=False)
         if cut:
             truncated.add(name)
         if coerced is not None:
             values[name] = coerced
+    ordered = {name: values[name] for name in columns if name in values}
+    wire = None if truncated else _wire(ordered)
+    if wire is not None and len(wire) <= FIELD_MAX_BYTES:
+        return Row(ordered, wire)
+    for name, value in values.items():
+        if columns[name] == "dynamic":
+            values[name], cut = _fit_dynamic(value, name in truncated)
+            if cut:
+                truncated.add(name)
     _fit_row(values, columns, truncated)
-    return {name: values[name] for name in columns if name in values}
+    ordered = {name: values[name] for name in columns if name in values}
+    return Row(ordered, _wire(ordered))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -893,7 +957,7 @@ def mirror_request_row(incident: Mapping[str, Any], *, tenant_id: str, tenant_na
 
 
 __all__ = [
-    "CHANGE_LOG_TABLES", "FIELD_MAX_BYTES", "ROW_MAX_BYTES", "STREAMS", "TRUNCATION_MARKER", "alert_row",
+    "CHANGE_LOG_TABLES", "FIELD_MAX_BYTES", "ROW_MAX_BYTES", "STREAMS", "TRUNCATION_MARKER", "Row", "alert_row",
     "canonical_time", "evidence_rows", "evidence_type", "flatten_evidence", "incident_row", "load_columns",
     "mirror_request_row", "normalize_time", "record_id", "request_entities", "rows_for_incident", "source_key",
 ]

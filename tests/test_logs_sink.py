@@ -71,14 +71,17 @@ class StubClient:
 
     def upload(self, rule_id: str, stream_name: str, logs: Any, *, on_error: Any = None, **kwargs: Any) -> None:
         assert rule_id == "dcr-123" and stream_name == STREAM
-        self.calls.append(list(logs))
+        body = logs.read()
+        assert body[:2] == b"\x1f\x8b" and len(body) <= MAX_REQUEST_BYTES  # gzipped once, sent as it is
+        chunk = json.loads(gzip.decompress(body))
+        self.calls.append(chunk)
         self.kwargs.append(kwargs)
-        error = self.fail(list(logs))
+        error = self.fail(chunk)
         if error is None:
             return
         if self.raise_instead or on_error is None:
             raise error
-        on_error(LogsUploadError(error=error, failed_logs=list(logs)))
+        on_error(LogsUploadError(error=error, failed_logs=chunk))
 
 
 def http_error(status: int, message: str = "boom") -> HttpResponseError:
@@ -199,6 +202,27 @@ def test_content_errors_bisect_down_to_the_bad_rows(status: int) -> None:
     stored = [r for chunk, in_error in ((c, fail(c)) for c in client.calls) if in_error is None for r in chunk]
     assert stored == [r for r in rows if int(r["IncidentId"]) not in poison]  # every good row exactly once, in order
     assert len(result.errors) == len(poison)
+
+
+def test_every_row_refused_alone_is_an_outage_not_bad_content() -> None:
+    """A DCR that refuses each row of a chunk (drifted stream, broken transform): no row is "rejected content" (the
+    caller would dead-letter them all), the upload reports an outage, and later chunks are not sent."""
+    rows = [make_row(i, 100) for i in range(12)]
+    client = StubClient(fail=lambda chunk: http_error(400, "InvalidPayload: column 'TenantName' is not a column"))
+    result = sink_with(client, max_chunk_bytes=1_100).upload(TABLE, rows)
+    assert result.refused_all and result.rejected_rows == []
+    assert result.failed_rows == rows and result.rows == 0
+    first = {r["IncidentId"] for r in client.calls[0]}
+    assert all({r["IncidentId"] for r in call} <= first for call in client.calls), "a later chunk was sent"
+    assert "data collection rule" in result.errors[0]
+
+
+def test_one_good_row_keeps_the_refusals_bad_content() -> None:
+    rows = [make_row(i, 10) for i in range(6)]
+    client = StubClient(fail=lambda chunk: http_error(400) if any(r["IncidentId"] != "3" for r in chunk) else None)
+    result = sink_with(client).upload(TABLE, rows)
+    assert not result.refused_all and result.rows == 1
+    assert result.rejected_rows == result.failed_rows == [r for r in rows if r["IncidentId"] != "3"]
 
 
 def test_rows_that_cannot_be_sent_are_failed_without_a_request() -> None:

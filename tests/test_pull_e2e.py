@@ -386,3 +386,56 @@ def test_graphs_order_failing_degrades_and_reports_instead_of_stalling(
     http("sync_run", body={})
     again, _ = ingested(world)
     assert len(again) == len(set(again)), "a later run re-ingested what the degraded walk stored"
+
+
+def test_a_dcr_refusing_every_row_is_an_outage_not_dead_letters(one_tenant: Any) -> None:
+    """The DCR's stream drifted from infra/tables (here: a column it no longer declares, present in every row):
+    every row is refused alone. That is an outage: no dead letter per incident, no cursor move; once the DCR is
+    fixed, the next run stores everything exactly once."""
+    world, tenant = one_tenant("Drift", 31, 40)
+    with world.ingestion.lock:
+        del world.ingestion.schemas["DefenderEvidence_CL"]["TenantName"]
+    try:
+        status, body = http("sync_run", body={})
+    finally:
+        world.ingestion.reload_schemas()
+    run = body["tenants"][0]
+    assert status == 200 and run["outcome"] == "error" and "data collection rule" in run["error"]
+    oldest = min(canonical_time(world.get_incident(tenant, i)["lastUpdateDateTime"])
+                 for i in world.incident_ids(tenant))
+    assert run["deadLettered"] == 0 and (run["cursorAfter"] is None or canonical_time(run["cursorAfter"]) < oldest)
+    assert world.rows("DefenderIncidents_CL") == [] and world.rows("DefenderEvidence_CL") == []
+    _, health = http("sync_status", "GET")
+    assert health["tenants"][0]["deadLetters"] == 0
+    http("sync_run", body={})
+    assert_complete_once(world, [tenant])
+    evidence = [r["RecordId"] for r in world.rows("DefenderEvidence_CL")]
+    assert evidence and len(evidence) == len(set(evidence))
+
+
+def test_an_alert_split_across_chunks_resends_only_its_missing_evidence(one_tenant: Any, emulators: Any) -> None:
+    """An alert with more evidence than one request holds: its first chunk goes in, the next ones fail. The retry
+    sends only the evidence rows not stored (and the alert and incident rows), never the stored ones again."""
+    world, tenant = one_tenant("Split", 41, 1)
+    incident_id = world.incident_ids(tenant)[0]
+    evidence = [{"@odata.type": "#microsoft.graph.security.processEvidence", "processId": i,
+                 "processCommandLine": f"cmd {i} " + "x" * 30_000} for i in range(40)]
+    world.add_alert(tenant, incident_id, {"id": "da-split", "title": "many processes", "evidence": evidence})
+    seen = []
+
+    def after_the_first(request: Any) -> bool:
+        if "Custom-DefenderEvidence" not in request.path:
+            return False
+        seen.append(request)
+        return len(seen) > 1
+
+    emulators.faults.rule("ingestion", after_the_first, Fault("status", 500))
+    status, body = http("sync_run", body={})
+    assert status == 200 and body["tenants"][0]["outcome"] == "error"
+    stored = [r for r in world.rows("DefenderEvidence_CL") if r["AlertId"] == "da-split"]
+    assert 0 < len(stored) < len(evidence), "the alert's evidence was split: its first chunk went in"
+    emulators.faults.clear()
+    http("sync_run", body={})
+    assert_complete_once(world, [tenant])
+    indexes = sorted(r["EvidenceIndex"] for r in world.rows("DefenderEvidence_CL") if r["AlertId"] == "da-split")
+    assert indexes == list(range(len(evidence))), "an evidence row was sent twice or never"

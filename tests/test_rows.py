@@ -791,3 +791,24 @@ def test_mirror_request_bad_input_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="datetime"):
         rows.mirror_request_row({"id": "1"}, tenant_id=TENANT, tenant_name="C", request_id=REQUEST_ID,
                                 now="2026-01-01")  # type: ignore[arg-type]
+
+
+def test_rows_carry_their_one_serialisation_and_drop_it_when_changed() -> None:
+    """The sink sends ``Row.wire`` as it is: it must be exactly ``json.dumps(row)``, and never stale."""
+    from sync.rows import Row, rows_for_incident
+
+    incident = {"id": "7", "lastUpdateDateTime": "2026-01-02T03:04:05.1234567Z", "title": "é \\ud800 x",
+                "alerts": [{"id": "da1", "lastUpdateDateTime": "2026-01-02T03:04:05Z",
+                            "evidence": [{"@odata.type": "#microsoft.graph.security.ipEvidence", "ipAddress": "1.2.3.4",
+                                          "n": float("nan"), "deep": [[[1.5]]]}]}]}
+    read_at = datetime.now(UTC)
+    built = rows_for_incident(incident, tenant_id="t", tenant_name="n", read_at=read_at)
+    for table_rows in built.values():
+        for row in table_rows:
+            assert isinstance(row, Row) and row.wire == json.dumps(row, allow_nan=False).encode("ascii")
+    row = built["DefenderEvidence_CL"][0]
+    row["Verdict"] = "malicious"
+    assert row.wire is None
+    big = dict(incident, description="x" * (FIELD_MAX_BYTES + 10))
+    row = rows_for_incident(big, tenant_id="t", tenant_name="n", read_at=read_at)["DefenderIncidents_CL"][0]
+    assert row.wire == json.dumps(row).encode("ascii") and "Description" in row["TruncatedFields"]
