@@ -162,6 +162,7 @@ def status(ctx: AppContext) -> dict[str, Any]:
     now = utcnow()
     tenants: list[dict[str, Any]] = []
     healthy = True
+    requests, portal = _mirror_requests(ctx)
     for tenant in ctx.settings.tenants:
         state = ctx.state.get_tenant(tenant.tenant_id)
         letters = list(ctx.state.dead_letters(tenant.tenant_id))
@@ -180,12 +181,31 @@ def status(ctx: AppContext) -> dict[str, Any]:
             "tenantId": tenant.tenant_id, "name": tenant.name, "mode": tenant.mode, "cursor": state.cursor,
             "lagSeconds": round(lag, 1) if lag is not None else None, "lastRun": last_run,
             "deadLetters": len(letters), "deadLettersGivenUp": sum(1 for d in letters if d.given_up),
-            "deadLettersByKind": by_kind, "mirrorsWaiting": mirrors_waiting(letters),
-            "reconcile": reconcile,
-            "mirrorRetriesWaiting": sum(1 for d in letters if d.kind == "mirror" and not d.given_up),
-            "healthy": ok,
+            "deadLettersByKind": by_kind,
+            "mirrorsWaiting": mirrors_waiting(letters) + requests.get(tenant.tenant_id, 0),
+            "mirrorRequestsWaiting": requests.get(tenant.tenant_id, 0),
+            "mirrorRetriesWaiting": mirrors_waiting(letters),
+            "reconcile": reconcile, "healthy": ok,
         })
-    return {"healthy": healthy, "checkedAt": format_time(now), "tenants": tenants}
+    answer = {"healthy": healthy, "checkedAt": format_time(now), "tenants": tenants}
+    if portal is not None:
+        answer["mirrorRule"] = portal
+        answer["healthy"] = healthy and portal.get("state") in ("ok", None)
+    return answer
+
+
+def _mirror_requests(ctx: AppContext) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """defender-portal: the requests not yet linked, per tenant, and the mirror rule's last known state (a missing
+    or disabled rule makes the app unhealthy: requests wait for it)."""
+    if ctx.settings.mirror_target != "defender-portal":
+        return {}, None
+    from .targets.defender_portal import DefenderPortalTarget, waiting_per_tenant
+
+    target = ctx.target
+    assert isinstance(target, DefenderPortalTarget)
+    rule = ctx.state.get_marker("mirror-rule", "app")
+    return waiting_per_tenant(target.requests), {"ruleId": target.rule_id, "state": rule.get("state"),
+                                                 "checkedAt": rule.get("checkedAt")}
 
 
 def reconcile_health(marker: dict[str, Any]) -> dict[str, Any]:
@@ -198,9 +218,6 @@ def reconcile_health(marker: dict[str, Any]) -> dict[str, Any]:
 
 
 def mirrors_waiting(letters: Sequence[DeadLetter]) -> int:
-    """Mirrors not yet in Sentinel: the pending (not given up) dead letters of kind ``mirror``.
-
-    Hook for ``SYNC_MIRROR_TARGET=defender-portal``: add the mirror requests still queued behind the rate cap (the
-    request backlog) here, so the status shows every incident that has no Sentinel incident yet.
-    """
+    """Mirrors that failed and wait for a retry: the pending (not given up) dead letters of kind ``mirror`` (with
+    ``defender-portal``, ``status`` adds the requests not yet linked)."""
     return sum(1 for d in letters if d.kind == "mirror" and not d.given_up)

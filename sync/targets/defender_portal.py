@@ -288,6 +288,8 @@ class PortalMirrorPhase:
         return summary
 
     def _run(self, deadline: Deadline, wait: bool, summary: PortalSummary) -> None:
+        # Link first: an incident the rule made is found before its request is judged lost.
+        self._link(list(self.target.requests.all()), deadline, summary)
         now = self.target.clock()
         requests = list(self.target.requests.all())
         for r in requests:
@@ -300,7 +302,6 @@ class PortalMirrorPhase:
                         "outcome": "re-requested", "attempt": r.attempts})
             elif expired_link(r, now):
                 self.target.requests.delete(r)
-        self._link(requests, deadline, summary)
         summary.rule = self._check_rule(deadline)
         if summary.rule != "ok":
             summary.waiting = sum(1 for r in requests if r.state == WAITING)
