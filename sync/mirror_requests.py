@@ -183,19 +183,18 @@ class DispatchResult:
 
 def due_for_rerequest(request: MirrorRequest, now: datetime) -> bool:
     """A sent request whose incident has not been linked within 30 minutes."""
-    if request.state != SENT or not request.sent_at:
-        return False
-    try:
-        return now - parse_time(request.sent_at) >= REREQUEST_AFTER
-    except ValueError:
-        return True
+    return request.state == SENT and _older_than(request.sent_at, now, REREQUEST_AFTER)
 
 
 def expired_link(request: MirrorRequest, now: datetime) -> bool:
-    if request.state != LINKED or not request.linked_at:
-        return False
+    """A linked request kept long enough to bound the link listing (an hour)."""
+    return request.state == LINKED and _older_than(request.linked_at, now, KEEP_LINKED)
+
+
+def _older_than(stamp: str | None, now: datetime, age: timedelta) -> bool:
+    """Whether ``stamp`` lies ``age`` or more before ``now`` (a missing or unreadable stamp counts as old)."""
     try:
-        return now - parse_time(request.linked_at) >= KEEP_LINKED
+        return not stamp or now - parse_time(stamp) >= age
     except ValueError:
         return True
 

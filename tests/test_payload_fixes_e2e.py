@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from harness import http, run_timer
 from test_twoway_e2e import Env, labels, owner_upn, pulled
 
 
@@ -26,10 +25,7 @@ def test_a_sentinel_closing_comment_becomes_defenders_resolving_comment(env: Env
     d = env.defender(a, "1101")
     assert (d["status"], d["resolvingComment"]) == ("resolved", "Contained: host isolated, USB blocked by policy.")
     assert env.get(a, "1101")["properties"]["classificationComment"] == d["resolvingComment"]
-    env.writes.mark()
-    run_timer("defender_pull")
-    http("sync_run", body={"direction": "reconcile"})
-    env.writes.assert_none("at rest after a closing comment")
+    env.assert_quiet("at rest after a closing comment")
 
 
 def test_a_closure_the_app_mirrored_writes_no_resolving_comment_back(env: Env) -> None:
@@ -69,10 +65,7 @@ def test_a_refused_determination_spelling_is_retried_once_with_the_other(env: En
     assert (d["status"], d["classification"], d["determination"]) == ("resolved", "falsePositive", "clean")
     assert "determination:notMalicious" in labels(env.get(env.a, "1104"))
     # Defender's "clean" reads as notMalicious: no echo, nothing more to write.
-    env.writes.mark()
-    run_timer("defender_pull")
-    http("sync_run", body={"direction": "reconcile"})
-    env.writes.assert_none("at rest after the respelled closure")
+    env.assert_quiet("at rest after the respelled closure")
 
 
 def test_a_free_text_owner_shows_as_a_label_and_an_analyst_owner_replaces_it(env: Env) -> None:

@@ -139,6 +139,13 @@ class Env:
         current = [lbl for lbl in self.get(tenant, incident_id)["properties"]["labels"]]
         self.analyst(tenant, incident_id, labels=current + [{"labelName": n} for n in names])
 
+    def assert_quiet(self, what: str) -> None:
+        """A pull and a reconcile after everything settled write nothing on either side."""
+        self.writes.mark()
+        run_timer("defender_pull")
+        http("sync_run", body={"direction": "reconcile"})
+        self.writes.assert_none(what)
+
     def remove_labels(self, tenant: str, incident_id: str, *names: str) -> None:
         current = [lbl for lbl in self.get(tenant, incident_id)["properties"]["labels"]
                    if lbl["labelName"] not in names]
@@ -256,10 +263,7 @@ def test_redirected_incident_closes_its_mirror_as_undetermined_with_a_link(env: 
     status, _ = env.webhook(a, "301")
     assert status == 200 and not env.writes.graph
     assert env.get(a, "301")["properties"]["status"] == "Closed"
-    env.writes.mark()
-    run_timer("defender_pull")
-    http("sync_run", body={"direction": "reconcile"})
-    env.writes.assert_none("redirected incident at rest")
+    env.assert_quiet("redirected incident at rest")
     assert len(messages(env.sentinel, env.name(a, "301"))) == 1
 
 
@@ -489,10 +493,7 @@ def test_determination_labels_set_it_and_invalid_ones_are_ignored_and_reported(e
     assert env.defender(a, "902")["determination"] == "notMalicious"
     after = labels(env.get(a, "902"))
     assert "determination:notMalicious" in after and "determination:phishing" not in after
-    env.writes.mark()
-    run_timer("defender_pull")
-    http("sync_run", body={"direction": "reconcile"})
-    env.writes.assert_none("at rest after determination labels")
+    env.assert_quiet("at rest after determination labels")
 
 
 def test_owner_goes_through_the_owner_map_both_ways(env: Env) -> None:
