@@ -249,3 +249,37 @@ def test_requests_are_paced_in_order_and_a_lost_one_is_sent_again_after_thirty_m
     mirrors = portal.mirrors()
     assert len(mirrors) == 31 and all(len(v) == 1 for v in mirrors.values())
     assert all(not run.summary for run in portal.world.portal.runs)
+
+
+def test_rule_incidents_naming_nothing_the_app_requested_are_left_alone(portal: Portal,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A summary alert (a rule run over 30 rows) and an alert whose link names no Defender incident the app knows
+    are never linked, never changed, and reported once."""
+    a = portal.tenants[0]
+    portal.incident(a, "31")
+    settings = portal.configure()
+    run_timer("defender_pull")
+    (row,) = portal.request_rows()
+    strangers = [{**{k: v for k, v in row.items() if not k.startswith("_")}, "RequestId": f"r{n}",
+                  "RecordId": f"r{n}", "IncidentId": f"9{n:03d}",
+                  "IncidentWebUrl": f"https://security.microsoft.com/incidents/9{n:03d}?tid=00000000-0000-0000-0000-"
+                                    f"00000000beef"} for n in range(31)]
+    client = LogsIngestionClient(settings["LOGS_INGESTION_ENDPOINT"], ManagedIdentityCredential(),
+                                 credential_scopes=["https://monitor.azure.com/.default"])
+    client.upload(rule_id=settings["LOGS_DCR_IMMUTABLE_ID"], stream_name="Custom-DefenderMirrorRequests",
+                  logs=strangers)
+    portal.minute()                                    # 32 rows: 29 alerts, a summary alert; 31 come from nowhere
+    assert any(run.summary for run in portal.world.portal.runs)
+    portal.sentinel.reset_write_log()
+    with caplog.at_level("WARNING", logger="sync.targets.defender_portal"):
+        run_timer("defender_pull")
+        run_timer("defender_pull")
+    left_alone = [r for r in caplog.records if "left alone" in r.getMessage()]
+    ours = portal.linked(a, "31")["name"]              # our row was ingested first: among the 29
+    strangers_made = [r["name"] for r in portal.sentinel.all_incidents() if r["name"] != ours]
+    assert len(strangers_made) == 29, "28 strangers' alerts of their own and one summary alert"
+    for name in strangers_made:
+        assert portal.sentinel.writes(name) == 0, "an incident the app did not ask for is never written"
+        assert get_context().state.find_link_by_sentinel_name(name) is None, "and never linked"
+    assert len(left_alone) == 29, "each is reported once, not on every run"
+    assert portal.sentinel.get(ours)["properties"]["title"] == "Incident 31 on WS-01"
