@@ -387,7 +387,8 @@ class StateStore:
     def dead_letter(self, tenant_id: str, kind: str, key: str, error: str, *, version: str | None = None,
                     max_retries: int = DEAD_LETTER_MAX_RETRIES, backoff: bool = True) -> DeadLetter:
         """Record (or count again) a failure. After ``max_retries`` the entry is marked given up, except for the
-        kinds in :data:`RETRY_FOREVER`, which wait twice as long after each failure instead (up to an hour;
+        kinds in :data:`RETRY_FOREVER`, which are due again at the next run, then wait twice as long after each
+        further failure (one minute first, up to an hour;
         ``backoff=False``: due again at once, for a failure that says nothing about the incident, e.g. it was busy)."""
         table = self.table(DEAD_LETTERS)
         rk = _key(f"{kind}|{key}")
@@ -400,7 +401,10 @@ class StateStore:
         except ResourceNotFoundError:
             retries, first = 0, now
         forever = kind in RETRY_FOREVER
-        wait = min(BACKOFF_BASE_SECONDS * 2 ** min(retries, 20), BACKOFF_MAX_SECONDS) if forever and backoff else 0.0
+        # The first retry is due at once (the next run: most failures are one crash or one blip); then 1, 2, 4 ...
+        # minutes, up to an hour.
+        wait = (min(BACKOFF_BASE_SECONDS * 2 ** min(retries - 1, 20), BACKOFF_MAX_SECONDS)
+                if forever and backoff and retries > 0 else 0.0)
         letter = DeadLetter(tenant_id, kind, key, error[:2000], retries, first, now, version,
                             given_up=not forever and retries >= max_retries,
                             next_attempt_at=format_time(clock + timedelta(seconds=wait)))
