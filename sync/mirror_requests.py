@@ -171,14 +171,31 @@ def _from_entity(entity: Any) -> MirrorRequest | None:
 
 
 @dataclass
-class DispatchResult:
-    """What one dispatch pass did."""
+class RequestSummary:
+    """What the defender-portal phases of a run did (the run summary's ``mirrorRequests``)."""
 
     sent: int = 0
     rerequested: int = 0
     failed: int = 0
     waiting: int = 0
+    linked: int = 0
+    duplicates: int = 0
+    left_alone: int = 0
+    rule: str = "unknown"
     problems: list[str] = field(default_factory=list)
+
+    def merged(self, later: RequestSummary) -> RequestSummary:
+        """This pass and a later one of the same run, as one."""
+        return RequestSummary(self.sent + later.sent, self.rerequested + later.rerequested,
+                              self.failed + later.failed, later.waiting, self.linked + later.linked,
+                              self.duplicates + later.duplicates, self.left_alone + later.left_alone,
+                              later.rule if later.rule != "unknown" else self.rule,
+                              list(dict.fromkeys(self.problems + later.problems)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sent": self.sent, "rerequested": self.rerequested, "failed": self.failed, "waiting": self.waiting,
+                "linked": self.linked, "duplicates": self.duplicates, "leftAlone": self.left_alone,
+                "rule": self.rule, "problems": self.problems}
 
 
 def due_for_rerequest(request: MirrorRequest, now: datetime) -> bool:
@@ -243,11 +260,12 @@ class RequestDispatcher:
         self.clock = clock
 
     def dispatch(self, requests: list[MirrorRequest], deadline: Deadline, *, wait: bool,
-                 between: Callable[[], None] | None = None) -> DispatchResult:
+                 between: Callable[[], None] | None = None,
+                 summary: RequestSummary | None = None) -> RequestSummary:
         """Send ``requests`` (the waiting ones, any order) best first. ``wait``: sleep for budget while the
         deadline allows (``between`` runs before each sleep, e.g. to link what the rule made meanwhile); otherwise
         send only what fits now."""
-        result = DispatchResult()
+        result = summary if summary is not None else RequestSummary()
         queue = sorted((r for r in requests if r.state == WAITING), key=request_order)
         while queue:
             free = self._free_units(len(queue))
@@ -276,7 +294,7 @@ class RequestDispatcher:
             room -= 1  # another instance took some meanwhile
         return 0
 
-    def _send(self, batch: list[MirrorRequest], result: DispatchResult) -> None:
+    def _send(self, batch: list[MirrorRequest], result: RequestSummary) -> None:
         now = self.clock()
         intended = [r for r in mark_sent(batch, now) if self.store.save(r)]  # the intent, before the upload
         if not intended:

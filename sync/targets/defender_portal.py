@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -26,10 +25,10 @@ from ..mapping import DUPLICATE_LABEL, comment_guid, cut_text
 from ..mirror_requests import (
     LINKED,
     WAITING,
-    DispatchResult,
     MirrorRequest,
     MirrorRequestStore,
     RequestDispatcher,
+    RequestSummary,
     due_for_rerequest,
     expired_link,
     link_window_start,
@@ -106,40 +105,6 @@ class DefenderPortalTarget(SentinelTarget):
         return True
 
 
-@dataclass
-class LinkResult:
-    linked: int = 0
-    duplicates: int = 0
-    unlinkable: int = 0
-    listed: int = 0
-
-
-@dataclass
-class PortalSummary:
-    """One pass of the defender-portal phase (reported with the run)."""
-
-    sent: int = 0
-    rerequested: int = 0
-    failed: int = 0
-    waiting: int = 0
-    linked: int = 0
-    duplicates: int = 0
-    rule: str = "unknown"
-    problems: list[str] = field(default_factory=list)
-
-    def merged(self, later: PortalSummary) -> PortalSummary:
-        """This pass and a later one of the same run, as one."""
-        return PortalSummary(self.sent + later.sent, self.rerequested + later.rerequested, self.failed + later.failed,
-                             later.waiting, self.linked + later.linked, self.duplicates + later.duplicates,
-                             later.rule if later.rule != "unknown" else self.rule,
-                             list(dict.fromkeys(self.problems + later.problems)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"sent": self.sent, "rerequested": self.rerequested, "failed": self.failed, "waiting": self.waiting,
-                "linked": self.linked, "duplicates": self.duplicates, "rule": self.rule,
-                "problems": self.problems}
-
-
 Syncer = Callable[[TenantConfig, str, Deadline], Any]
 
 
@@ -156,13 +121,11 @@ class MirrorLinker:
         self._settled: set[str] = set()   # incident names linked, closed as duplicates, or left alone
         self._lock = threading.Lock()
 
-    def link(self, since: datetime, deadline: Deadline) -> LinkResult:
+    def link(self, since: datetime, deadline: Deadline, result: RequestSummary) -> None:
         """Link every incident of the mirror rule created since ``since`` (oldest first: the earliest created
         incident of a source is the one kept)."""
-        result = LinkResult()
         with self._lock:
             for incident in self.client.list_incidents_created(since, deadline=deadline):
-                result.listed += 1
                 name = str(incident.get("name"))
                 if name.lower() in self._settled or not self.target.is_own(incident):
                     continue
@@ -173,9 +136,8 @@ class MirrorLinker:
                     self._settled.add(name.lower())
                     continue
                 self._link_one(incident, deadline, result)
-        return result
 
-    def _link_one(self, incident: dict[str, Any], deadline: Deadline, result: LinkResult) -> None:
+    def _link_one(self, incident: dict[str, Any], deadline: Deadline, result: RequestSummary) -> None:
         name = str(incident.get("name"))
         alerts = self.client.list_incident_alerts(name, deadline=deadline)
         sources = {s for s in (alert_link_source((a.get("properties") or {}).get("alertLink")) for a in alerts) if s}
@@ -213,8 +175,8 @@ class MirrorLinker:
                 "tenantId": tenant.tenant_id, "incidentId": incident_id, "action": "mirror-link",
                 "outcome": "sync-failed", "error": describe_error(exc)})
 
-    def _leave_alone(self, name: str, reason: str, result: LinkResult) -> None:
-        result.unlinkable += 1
+    def _leave_alone(self, name: str, reason: str, result: RequestSummary) -> None:
+        result.left_alone += 1
         self._settled.add(name.lower())
         self.state.set_marker("mirror-rule-incident", name.lower(), {"outcome": "left-alone", "reason": reason})
         log.warning("mirror rule incident left alone: %s", reason, extra={
@@ -269,8 +231,8 @@ class PortalMirrorPhase:
         self._rule_checked_at = -RULE_CHECK_SECONDS
         self._rule_state = "unknown"
 
-    def run(self, deadline: Deadline, *, wait: bool) -> PortalSummary:
-        summary = PortalSummary()
+    def run(self, deadline: Deadline, *, wait: bool) -> RequestSummary:
+        summary = RequestSummary()
         lease = self.state.acquire_lease("~app", "mirror-requests", self.owner, 60.0)
         if lease is None:
             summary.problems.append("another instance is sending mirror requests")
@@ -287,7 +249,7 @@ class PortalMirrorPhase:
             self.state.release_lease(lease)
         return summary
 
-    def _run(self, deadline: Deadline, wait: bool, summary: PortalSummary) -> None:
+    def _run(self, deadline: Deadline, wait: bool, summary: RequestSummary) -> None:
         # Link first: an incident the rule made is found before its request is judged lost.
         self._link(list(self.target.requests.all()), deadline, summary)
         now = self.target.clock()
@@ -315,23 +277,16 @@ class PortalMirrorPhase:
                 last_link[0] = time.monotonic()
                 self._link(list(self.target.requests.all()), deadline, summary)
 
-        result: DispatchResult = self.dispatcher.dispatch(requests, deadline, wait=wait, between=between)
-        summary.sent += result.sent
-        summary.failed += result.failed
-        summary.waiting = result.waiting
-        summary.problems.extend(result.problems)
+        self.dispatcher.dispatch(requests, deadline, wait=wait, between=between, summary=summary)
 
-    def _link(self, requests: list[MirrorRequest], deadline: Deadline, summary: PortalSummary) -> None:
+    def _link(self, requests: list[MirrorRequest], deadline: Deadline, summary: RequestSummary) -> None:
         since = link_window_start(requests, self.target.clock())
         if since is None:
             return  # nothing requested in the last hour: nothing to link, no listing
         try:
-            result = self.linker.link(since, deadline)
+            self.linker.link(since, deadline, summary)
         except ApiError as exc:
             summary.problems.append(f"linking failed: {describe_error(exc)}")
-            return
-        summary.linked += result.linked
-        summary.duplicates += result.duplicates
 
     def _check_rule(self, deadline: Deadline) -> str:
         """``ok``, ``missing`` or ``disabled``, read at most every five minutes (never in a tight loop)."""
