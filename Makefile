@@ -27,8 +27,9 @@ $(NODE_STAMP): package.json package-lock.json
 	touch $(NODE_STAMP)
 
 ## Run defender_pull (and the round trip) through the function entry point against the local emulators.
+## TARGET=defender-portal: the unified-portal world, request rows and the mirror rule instead of API-created mirrors.
 demo: setup
-	$(PY) -m scripts.demo
+	$(PY) -m scripts.demo $(if $(TARGET),--target $(TARGET))
 
 ## The whole test suite: lint, types, unit, end-to-end and infrastructure checks.
 test: setup $(CHECKOV_STAMP) lint typecheck unit infra-check

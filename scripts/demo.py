@@ -6,16 +6,23 @@
 4. plays an analyst who closes one incident in Sentinel as a true positive with a comment, delivers the webhook the
    way the Logic App would, and shows the change on the Defender side.
 
-Run it with ``make demo``.
+Run it with ``make demo`` (``SYNC_MIRROR_TARGET=sentinel-api``: the app creates each mirror through the API), or
+``make demo TARGET=defender-portal`` (``python -m scripts.demo --target defender-portal``): the workspace is onboarded
+to the unified Defender portal, the mirror analytics rule exists, and the app sends request rows instead; the demo
+moves the rule's clock a minute at a time (the emulator's control API, as the tests do; nothing sleeps), then shows
+the mirrors linked and the same round trip.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import tempfile
+import threading
 from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,8 @@ from emulators.certs import ensure_tls  # noqa: E402
 from emulators.hub import EmulatorHub, app_settings  # noqa: E402
 
 TABLES = ("DefenderIncidents_CL", "DefenderAlerts_CL", "DefenderEvidence_CL")
+TARGETS = ("sentinel-api", "defender-portal")
+MIRROR_RULE_ID = "0d3e5a1c-6a1b-4c2d-9e8f-00000000de30"
 
 
 def say(text: str = "") -> None:
@@ -42,7 +51,11 @@ def heading(text: str) -> None:
     say(f"== {text} " + "=" * max(0, 100 - len(text)))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The README's demo against the local emulators.")
+    parser.add_argument("--target", choices=TARGETS, default="sentinel-api",
+                        help="SYNC_MIRROR_TARGET to demonstrate (default: sentinel-api)")
+    target = parser.parse_args(argv).target
     state_dir = Path(tempfile.mkdtemp(prefix="defender-sync-demo-"))
     tls = ensure_tls(state_dir)
     os.environ["REQUESTS_CA_BUNDLE"] = str(tls.ca_pem)
@@ -56,22 +69,33 @@ def main() -> int:
     say(f"Ingestion   {endpoints.ingestion}  (DCR {endpoints.dcr_immutable_id})")
     say(f"Sentinel    {endpoints.arm}{endpoints.sentinel_workspace_id}")
     try:
-        return run(hub, connection)
+        return run(hub, connection, target)
     finally:
         hub.stop()
         azurite.stop()
 
 
-def run(hub: EmulatorHub, connection: str) -> int:
+def run(hub: EmulatorHub, connection: str, target: str = "sentinel-api") -> int:
     world = hub.world
     contoso = world.add_tenant(name="Contoso", domain="contoso.onmicrosoft.com")
     fabrikam = world.add_tenant(name="Fabrikam", domain="fabrikam.onmicrosoft.com")
     world.generate(7, contoso, 25)
     world.generate(8, fabrikam, 15)
+    portal = target == "defender-portal"
+    extra: dict[str, str] = {}
+    if portal:
+        # The workspace is onboarded to the unified Defender portal and the infra deployed the mirror rule.
+        world.portal.enable()
+        world.portal.put_rule(MIRROR_RULE_ID)
+        extra = {"SYNC_MIRROR_TARGET": target, "SYNC_MIRROR_RULE_ID": MIRROR_RULE_ID,
+                 # A short run budget: a run sends what the pace allows and never waits a real minute for more.
+                 "SYNC_TIME_BUDGET_SECONDS": "30"}
     settings = app_settings(hub, connection, [contoso, fabrikam], credential="federated",
                             SYNC_TENANTS=json.dumps({contoso: {"name": "Contoso"},
-                                                     fabrikam: {"name": "Fabrikam", "mode": "pull-only"}}))
+                                                     fabrikam: {"name": "Fabrikam", "mode": "pull-only"}}), **extra)
     os.environ.update(settings)
+    say(f"Mirror target: {target}" + (" (workspace in the unified Defender portal; mirror rule "
+                                      f"{MIRROR_RULE_ID})" if portal else ""))
     say(f"Seeded 2 Defender tenants: Contoso ({contoso}, mode sync) with 25 incidents, Fabrikam ({fabrikam}, "
         "mode pull-only) with 15.")
     say("The app authenticates to each tenant's Graph as the multi-tenant app, with its managed identity as the "
@@ -81,6 +105,12 @@ def run(hub: EmulatorHub, connection: str) -> int:
 
     functions = {f.get_function_name(): f.get_user_function() for f in function_app.app.get_functions()}
     heading("Running defender_pull through function_app.py (timer trigger)")
+    clock = SimClock() if portal else None
+    if clock is not None:
+        from sync.context import get_context
+
+        ctx = get_context()
+        ctx.clock, ctx.sleep = clock, clock.sleep
     functions["defender_pull"](TimerRequest(past_due=False))
 
     heading("What landed where")
@@ -91,9 +121,11 @@ def run(hub: EmulatorHub, connection: str) -> int:
             f"Fabrikam {per_tenant[fabrikam]:>5}")
     sentinel = hub.sentinel
     assert sentinel is not None
-    mirrored = sentinel.all_incidents()
-    say(f"Sentinel incidents created: {len(mirrored)} (one per Defender incident, named by a GUID derived from "
-        "tenant + incident ID)")
+    if clock is not None:
+        portal_rounds(hub, functions, clock)
+    else:
+        say(f"Sentinel incidents created: {len(sentinel.all_incidents())} (one per Defender incident, named by a "
+            "GUID derived from tenant + incident ID)")
     status = http(functions, "sync_status", "GET")
     for tenant in status["tenants"]:
         say(f"sync_status  {tenant['name']:<9} cursor {tenant['cursor']}  lag {tenant['lagSeconds']} s  "
@@ -103,7 +135,7 @@ def run(hub: EmulatorHub, connection: str) -> int:
     if incident is None:
         say("No open Contoso incident to close; the round trip is skipped.")
         return 0
-    name = find_mirror(mirrored, incident["id"], "tenant:Contoso")
+    name = find_mirror(sentinel.all_incidents(), incident["id"], "tenant:Contoso")
     heading(f"Round trip: Defender incident {incident['id']} ⇄ Sentinel incident {name}")
     before = sentinel.get(name)["properties"]
     say(f"Sentinel before: status {before['status']}, title {before['title']!r}")
@@ -130,6 +162,58 @@ def run(hub: EmulatorHub, connection: str) -> int:
     say()
     say("Round trip OK." if ok else "Round trip FAILED: Defender does not show the closure.")
     return 0 if ok else 1
+
+
+class SimClock:
+    """The app's defender-portal clock (request times, the pace): moved by the demo, never slept."""
+
+    def __init__(self) -> None:
+        from sync.timeutil import utcnow
+
+        self.now = utcnow()
+        self.lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self.lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self.lock:
+            self.now += timedelta(seconds=seconds)
+
+
+def portal_rounds(hub: EmulatorHub, functions: dict[str, Any], clock: SimClock) -> None:
+    """defender-portal: a minute passes (the rule runs over the rows of that minute), the app links what the rule
+    made and sends what the pace allows, until every request is linked; then the figures."""
+    world, sentinel = hub.world, hub.sentinel
+    assert sentinel is not None
+    say(f"Request rows sent to DefenderMirrorRequests_CL by the first run: "
+        f"{len(world.rows('DefenderMirrorRequests_CL'))} (at most 25 a minute, SYNC_MIRROR_REQUESTS_PER_MINUTE)")
+    for minute in range(1, 6):
+        runs = world.portal.advance(minutes=1)
+        clock.sleep(60)
+        made = sum(len(r.incidents) for r in runs)
+        body = http(functions, "sync_run", "POST", {})
+        requests = body["mirrorRequests"]
+        say(f"minute {minute}: the mirror rule ran over {sum(r.rows for r in runs)} row(s) and made {made} "
+            f"incident(s); the next run linked {requests['linked']}, sent {requests['sent']} more request(s), "
+            f"{requests['waiting']} waiting; rule {requests['rule']}")
+        if requests["waiting"] == 0 and requests["sent"] == 0 and made == 0:
+            break
+    status = http(functions, "sync_status", "GET")
+    waiting = sum(t.get("mirrorRequestsWaiting", 0) for t in status["tenants"])
+    rows = world.rows("DefenderMirrorRequests_CL")
+    from sync.context import get_context
+
+    state = get_context().state
+    linked = sum(1 for r in rows if (state.get_link(r["DefenderTenantId"], r["IncidentId"]) or {}).get("state")
+                 == "active")
+    created = sum(1 for w in sentinel.write_log if w.kind == "incident" and w.status == 201)
+    say(f"Requests sent: {len(rows)}   mirrors linked: {linked}   waiting: {waiting}   incidents created through "
+        f"the API: {created}   invisible in the Defender portal: {len(world.portal.invisible_incidents())}   "
+        f"largest rule run: {max((r.rows for r in world.portal.runs), default=0)} rows (summary alerts: "
+        f"{sum(1 for r in world.portal.runs if r.summary)})")
+    say(f"sync_status mirrorRule: {json.dumps(status.get('mirrorRule'))}")
 
 
 def pick_open_incident(world: Any, tenant: str) -> dict[str, Any] | None:
