@@ -26,6 +26,8 @@ from .targets.sentinel_api import SentinelTarget
 from .timeutil import utcnow
 
 MIRROR_REQUESTS_STREAM = "Custom-DefenderMirrorRequests"
+# From a request unit's grant to the rows' hand-over (intents stored, one upload): each grant counts 60 s plus this.
+REQUEST_HANDOVER_SECONDS = 3.0
 
 
 class AppContext:
@@ -115,7 +117,7 @@ class AppContext:
                     return IncidentSyncer(self).sync(tenant, incident_id, deadline=deadline, trigger="link")
 
                 pace = SharedRateBudget(state.table(LEASES), "mirror-requests",
-                                        self.settings.mirror_requests_per_minute,
+                                        self.settings.mirror_requests_per_minute, hold_seconds=REQUEST_HANDOVER_SECONDS,
                                         clock=lambda: self.clock().timestamp(), sleep=lambda s: self.sleep(s))
                 linker = MirrorLinker(target, state, self.settings.tenant, sync)
                 dispatcher = RequestDispatcher(target.requests, pace, self._upload_requests, clock=lambda: self.clock())

@@ -4,16 +4,18 @@ A per-process limiter multiplies with the instances of a queue fan-out; this one
 holds the grants of the last minute (``[[epoch seconds, units], ...]``); taking units reads it, drops what left the
 window, and writes it back with ``If-Match``, so two instances can never both spend the last unit.
 
-Reading and writing the ledger for every unit would double the Table Storage traffic of a Sentinel write, so an
-instance may take a small block at once and spend it locally. Units taken and not spent within ``hold_seconds`` are
-dropped, and every grant counts against the window for ``60 + hold_seconds``: whenever a unit is spent, at most
-``per_minute`` units were spent in the 60 seconds before it, whatever the instances did.
+A unit is taken before the call it pays for is made, and that call takes a moment: every grant counts against the
+window for ``60 + hold_seconds``, and a unit must be spent within ``hold_seconds`` of its grant. So whenever a unit
+is spent, at most ``per_minute`` units were spent in the 60 seconds before it, whatever the instances did. Reading
+and writing the ledger for every unit would double the Table Storage traffic of a Sentinel write, so an instance may
+take a small block at once and spend it locally within ``hold_seconds`` (units left over are dropped).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -45,7 +47,8 @@ class SharedRateBudget:
     """At most ``per_minute`` units in any rolling 60 seconds, across every process sharing ``table``.
 
     ``block``: units taken from the ledger at once and spent locally within ``hold_seconds`` (1: every unit is its
-    own ledger write, exact to the unit, for costly or visible actions such as mirror requests).
+    own ledger write, exact to the unit, for costly or visible actions such as mirror requests). ``hold_seconds``:
+    how long after its grant a unit may be spent (the time the paid call may take to start).
     """
 
     def __init__(self, table: TableClient, name: str, per_minute: int, *, block: int = 1,
@@ -57,7 +60,7 @@ class SharedRateBudget:
         self.name = name
         self.per_minute = per_minute
         self.block = max(1, min(block, per_minute))
-        self.hold_seconds = hold_seconds if self.block > 1 else 0.0
+        self.hold_seconds = hold_seconds
         self._clock = clock
         self.sleep = sleep
         self._lock = threading.Lock()
@@ -146,7 +149,9 @@ class SharedRateBudget:
                 return self.span
             live.append(Grant(now, units))
             entity = {"PartitionKey": PARTITION, "RowKey": self.name,
-                      "Grants": json.dumps([[round(g.at, 3), g.units] for g in live], separators=(",", ":"))}
+                      # Rounded up to the millisecond: a grant never looks older than it is.
+                      "Grants": json.dumps([[math.ceil(g.at * 1000) / 1000, g.units] for g in live],
+                                           separators=(",", ":"))}
             self.ledger_operations += 1
             try:
                 if etag is None:
