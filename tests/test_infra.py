@@ -702,7 +702,11 @@ def test_automation_rule_runs_the_playbook_on_analyst_updates_only() -> None:
     choice = scope["operator"]
     assert choice["type"] == "conditional" and render(choice["operands"]["condition"]) == "empty(mirrorRuleId)"
     assert (choice["operands"]["true_value"], choice["operands"]["false_value"]) == \
-        ("labelCondition", "mirrorRuleCondition")
+        ("labelCondition", "labelOrMirrorRuleCondition")
+    # defender-portal: the rule's incidents OR the label (mirrors a sentinel-api deployment made before migrating).
+    either = resolve_var(document, "labelOrMirrorRuleCondition")
+    assert either["conditionType"] == "Boolean" and either["conditionProperties"]["operator"] == "Or"
+    assert either["conditionProperties"]["innerConditions"] == ["labelCondition", "mirrorRuleCondition"]
     rule_condition = resolve_var(document, "mirrorRuleCondition")
     assert rule_condition["conditionType"] == "Property"
     by_rule = rule_condition["conditionProperties"]

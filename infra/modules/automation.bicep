@@ -25,8 +25,9 @@ resource workspace 'Microsoft.OperationalInsights/workspaces@2026-03-01' existin
   name: workspaceName
 }
 
-// Which incidents are the app's mirrors: those carrying its label (sentinel-api: the app creates them), or those of the
-// mirror analytics rule (defender-portal: the rule creates them, without the label).
+// Which incidents are the app's mirrors: those carrying its label (sentinel-api: the app creates them), or, with
+// defender-portal, those of the mirror analytics rule OR carrying the label (the rule's incidents; and the mirrors an
+// earlier sentinel-api deployment made, which stay linked after a migration and keep their immediate push back).
 var labelCondition = {
   conditionType: 'Property'
   conditionProperties: {
@@ -44,6 +45,17 @@ var mirrorRuleCondition = {
     operator: 'Contains'
     propertyValues: [
       '${workspace.id}/providers/Microsoft.SecurityInsights/alertRules/${mirrorRuleId}'
+    ]
+  }
+}
+
+var labelOrMirrorRuleCondition = {
+  conditionType: 'Boolean'
+  conditionProperties: {
+    operator: 'Or'
+    innerConditions: [
+      labelCondition
+      mirrorRuleCondition
     ]
   }
 }
@@ -75,7 +87,7 @@ resource forwardUpdates 'Microsoft.SecurityInsights/automationRules@2025-09-01' 
       triggersOn: 'Incidents'
       triggersWhen: 'Updated'
       conditions: [
-        empty(mirrorRuleId) ? labelCondition : mirrorRuleCondition
+        empty(mirrorRuleId) ? labelCondition : labelOrMirrorRuleCondition
         {
           conditionType: 'Property'
           conditionProperties: {
