@@ -299,7 +299,7 @@ class StateStore:
                 assert group is not None
             groups.append(group)
         table = self.table(INCIDENTS)
-        table_url = f"{table.scheme}://{table._primary_hostname}/{table.table_name}"  # noqa: SLF001
+        table_url = f"{table.scheme}://{table._primary_hostname}/{table.table_name}"
         # Each entity serialised once: its text sizes the transactions and is their body (sync.table_batch).
         ops = [[(e, entity_json(e)) for e in group] for group in groups]
         for batch in split_batches(ops, lambda op: len(op[1]) + operation_overhead(table_url, op[0])):

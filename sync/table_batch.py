@@ -95,14 +95,14 @@ def submit_upserts(table: TableClient, entities: Sequence[tuple[Mapping[str, Any
     none is written). The caller keeps the service's limits (100 operations, 4 MiB)."""
     if not entities:
         return
-    base = f"{table.scheme}://{table._primary_hostname}"  # noqa: SLF001 - what the SDK's own batches use
+    base = f"{table.scheme}://{table._primary_hostname}"  # the host (and account path) the SDK uses
     version = str(table.api_version)
     boundary, body = upsert_body(f"{base}/{quote(table.table_name)}", version, entities)
     request = HttpRequest("POST", f"{base}/$batch", headers={
         "x-ms-version": version, "DataServiceVersion": "3.0", "MaxDataServiceVersion": "3.0;NetFx",
         "Content-Type": f"multipart/mixed; boundary={boundary}", "Accept": "application/json"}, content=body)
     # stream=True: the pipeline would otherwise try to decode a multipart answer as JSON (as the SDK does).
-    response = table._client.send_request(request, stream=True)  # noqa: SLF001 - its pipeline: auth, retries
+    response = table._client.send_request(request, stream=True)  # its pipeline: auth, retries
     problem = check_answer(response.status_code, response.read(), len(entities))
     if problem is not None:
         raise HttpResponseError(message=f"Table transaction on {table.table_name} refused: {problem}",

@@ -12,8 +12,8 @@ from sync.table_batch import check_answer, entity_json, submit_upserts
 
 def test_upserts_read_back_like_the_sdks_entities(storage: str) -> None:
     table = TableServiceClient.from_connection_string(storage).create_table_if_not_exists("batchcheck")
-    entities = [{"PartitionKey": "tenant'1", "RowKey": f"inc {n} é'", "Text": "x\u00e9\U0001f600\"\\", "Flag": n % 2 == 0,
-                 "Small": n, "Big": 2**40 + n} for n in range(3)]
+    entities = [{"PartitionKey": "tenant'1", "RowKey": f"inc {n} é'", "Text": "x\u00e9\U0001f600\"\\",
+                 "Flag": n % 2 == 0, "Small": n, "Big": 2**40 + n} for n in range(3)]
     submit_upserts(table, [(e, entity_json(e)) for e in entities])
     replaced = {**entities[0], "Text": "replaced"}
     del replaced["Big"]
