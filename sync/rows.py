@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import cache, lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -596,8 +597,14 @@ def _finish(table: str, raw: Mapping[str, Any]) -> Row:
 # Field helpers
 
 
+_NO_OBJECT: Mapping[str, Any] = MappingProxyType({})
+
+
 def _obj(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+    # Exact types first: most lookups find a dict or nothing, and the Mapping ABC check is slow.
+    if type(value) is dict:
+        return value
+    return value if value is not None and isinstance(value, Mapping) else _NO_OBJECT
 
 
 def _as_list(value: Any) -> list[Any] | None:
@@ -795,8 +802,13 @@ def alert_row(alert: Mapping[str, Any], *, incident_id: str, tenant_id: str, ten
 def evidence_type(evidence: Any) -> str | None:
     """``@odata.type`` without ``#microsoft.graph.security.`` (``"#microsoft.graph.security.ipEvidence"`` ->
     ``"ipEvidence"``); None when absent."""
-    odata_type = evidence.get("@odata.type") if isinstance(evidence, Mapping) else None
-    if not isinstance(odata_type, str) or not odata_type.strip():
+    odata_type = _obj(evidence).get("@odata.type")
+    return _type_name(odata_type) if isinstance(odata_type, str) else None
+
+
+@lru_cache(maxsize=256)
+def _type_name(odata_type: str) -> str | None:
+    if not odata_type.strip():
         return None
     name = odata_type.strip().lstrip("#")
     return name[len(_GRAPH_TYPE_PREFIX):] if name.startswith(_GRAPH_TYPE_PREFIX) else name
@@ -814,7 +826,7 @@ def _account_of(evidence: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _ip_of(value: Any) -> Any:
     """An ``ipAddress`` that is a string, or an ipEvidence object (nicEvidence, ioTDeviceEvidence, dnsEvidence)."""
-    return value.get("ipAddress") if isinstance(value, Mapping) else value
+    return value.get("ipAddress") if type(value) is dict or isinstance(value, Mapping) else value
 
 
 _NAME_IS_NOT_A_RESOURCE = frozenset({"malwareEvidence", "gitHubUserEvidence"})
@@ -828,7 +840,10 @@ def _first_item(value: Any) -> Any:
 def _hash_of(evidence: Mapping[str, Any], files: Mapping[str, Any], algorithm: str) -> Any:
     """A hash from ``fileDetails``/``imageFile``, a fileHashEvidence ``{algorithm, value}`` or blobEvidence
     ``fileHashes`` (a list of ``{algorithm, value}``)."""
+    found = files.get(algorithm)
     listed = evidence.get("fileHashes")
+    if (found is not None and found != "") or ("algorithm" not in evidence and not isinstance(listed, list)):
+        return found if found != "" else None  # the usual case, without building the candidates
     candidates = [evidence, *[h for h in listed if isinstance(h, Mapping)]] if isinstance(listed, list) else [evidence]
     by_algorithm = (c.get("value") for c in candidates
                     if isinstance(c.get("algorithm"), str) and c["algorithm"].lower() == algorithm)

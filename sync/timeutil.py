@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from functools import lru_cache
 
 _FRACTION = re.compile(r"\.(\d+)")
 # Graph's usual spelling: UTC with "Z", seconds and an optional fraction (the year from 1000, where strftime and
@@ -14,8 +15,12 @@ _ZULU = re.compile(r"[1-9]\d{3}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.(\d+))?Z")
 def zulu_parts(value: object) -> tuple[str, str] | None:
     """(``YYYY-MM-DDTHH:MM:SS``, fractional digits as written) of a valid time in Graph's usual UTC ``Z`` form,
     else None (the caller then takes the general path). The fast path of every time normalisation."""
-    if type(value) is not str:
-        return None
+    return _zulu_parts(value) if type(value) is str else None
+
+
+@lru_cache(maxsize=4096)
+def _zulu_parts(value: str) -> tuple[str, str] | None:
+    # Cached: a version's times are read several times (RecordIds, columns, the engine's comparisons).
     match = _ZULU.fullmatch(value)
     if match is None:
         return None
