@@ -27,19 +27,21 @@ Row conventions
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .mapping import sentinel_description, sentinel_severity
-from .timeutil import parse_time
+from .timeutil import parse_time, zulu_parts
 
 STREAMS: dict[str, str] = {
     "DefenderIncidents_CL": "Custom-DefenderIncidents",
@@ -75,6 +77,7 @@ _TABLES_DIR = Path(__file__).resolve().parent.parent / "infra" / "tables"
 _COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,44}$")
 # Fixed forever: changing it would change every RecordId and break de-duplication across versions of the app.
 _RECORD_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:defender-sentinel-sync:log-analytics:record")
+_RECORD_NAMESPACE_BYTES = _RECORD_NAMESPACE.bytes
 _GRAPH_TYPE_PREFIX = "microsoft.graph.security."
 _FRACTION = re.compile(r"\.(\d+)")
 _INTEGER = re.compile(r"^[+-]?\d{1,20}$")
@@ -134,9 +137,16 @@ def load_columns(table: str) -> dict[str, str]:
 def record_id(*parts: str) -> str:
     """Deterministic row id: uuid5 over a fixed namespace of the JSON-encoded parts.
 
-    JSON encoding (not a plain join) keeps ``("a|b", "c")`` and ``("a", "b|c")`` apart.
+    JSON encoding (not a plain join) keeps ``("a|b", "c")`` and ``("a", "b|c")`` apart. Computed as
+    :func:`uuid.uuid5` does (SHA-1 of namespace + name, version and variant bits set), without its objects: one per
+    row.
     """
-    return str(uuid.uuid5(_RECORD_NAMESPACE, json.dumps([str(part) for part in parts])))
+    digest = bytearray(hashlib.sha1(_RECORD_NAMESPACE_BYTES + json.dumps([str(part) for part in parts]).encode(),
+                                    usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -188,6 +198,51 @@ def _sanitize(value: Any, depth: int = 0) -> tuple[Any, bool]:
     if isinstance(value, datetime):
         return _format_datetime(value), False
     return _clean_str(str(value)), False
+
+
+def _encodes(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogates), i.e. :func:`_clean_str` would return it as it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is JSON-safe as it is, so :func:`_sanitize` would return an equal copy: only the exact
+    types ``json.loads`` produces, string keys, finite floats, text that encodes, nesting within
+    :data:`MAX_DYNAMIC_DEPTH`. Checking costs a fraction of copying; evidence objects are nearly always plain."""
+    kind = type(value)
+    if kind is dict:
+        if depth >= MAX_DYNAMIC_DEPTH:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or not (key.isascii() or _encodes(key)):
+                return False
+            item_kind = type(item)
+            if item_kind is str:
+                if not (item.isascii() or _encodes(item)):
+                    return False
+            elif not (item is None or item_kind is int or item_kind is bool or _plain(item, depth + 1)):
+                return False
+        return True
+    if kind is list:
+        if depth >= MAX_DYNAMIC_DEPTH:
+            return False
+        for item in value:
+            item_kind = type(item)
+            if item_kind is str:
+                if not (item.isascii() or _encodes(item)):
+                    return False
+            elif not (item is None or item_kind is int or item_kind is bool or _plain(item, depth + 1)):
+                return False
+        return True
+    if kind is str:
+        return value.isascii() or _encodes(value)
+    if kind is float:
+        return math.isfinite(value)
+    return value is None or kind is int or kind is bool
 
 
 def _compact_json(value: Any) -> str:
@@ -282,6 +337,21 @@ def _split_time(value: Any) -> tuple[datetime, str] | None:
 def normalize_time(value: Any) -> str | None:
     """Graph's time string kept as-is when it already is UTC with ``Z`` (fraction cut to 7 digits), else converted
     to UTC ``Z`` form keeping the original fractional digits; None when ``value`` is not a time."""
+    zulu = zulu_parts(value)
+    if zulu is not None:  # Graph's usual form: kept as it is
+        return value if len(zulu[1]) <= 7 else f"{zulu[0]}.{zulu[1][:7]}Z"
+    if isinstance(value, datetime):
+        return _datetime_text(value)
+    split = _split_time(value)
+    if split is None:
+        return None
+    whole, fraction = split
+    return _iso_seconds(whole) + (f".{fraction}" if fraction else "") + "Z"
+
+
+@lru_cache(maxsize=16)
+def _datetime_text(value: datetime) -> str | None:
+    """:func:`normalize_time` of a datetime; cached: every row of a page carries the same ``read_at``."""
     split = _split_time(value)
     if split is None:
         return None
@@ -292,6 +362,9 @@ def normalize_time(value: Any) -> str | None:
 def canonical_time(value: Any) -> str | None:
     """One spelling per instant (UTC, exactly 7 fractional digits, ``Z``): used inside RecordIds so that
     ``...35.5533333Z`` and ``...35.5533333+00:00`` name the same version."""
+    zulu = zulu_parts(value)
+    if zulu is not None:
+        return f"{zulu[0]}.{(zulu[1] + '0000000')[:7]}Z"
     split = _split_time(value)
     if split is None:
         return None
@@ -435,6 +508,50 @@ def _wire(row: Mapping[str, Any]) -> bytes | None:
         return None
 
 
+_SLOW = object()  # a fast converter's "not the usual case": take :func:`_coerce`
+
+
+def _fast_string(value: Any) -> Any:
+    # ASCII: one byte per character, so at most FIELD_MAX_BYTES characters cannot need a cut.
+    return value if type(value) is str and value.isascii() and len(value) <= FIELD_MAX_BYTES else _SLOW
+
+
+def _fast_datetime(value: Any) -> Any:
+    zulu = zulu_parts(value)
+    if zulu is not None and len(zulu[1]) <= 7:
+        return value
+    return _datetime_text(value) if type(value) is datetime else _SLOW
+
+
+def _fast_int(bounds: tuple[int, int]) -> Callable[[Any], Any]:
+    low, high = bounds
+    return lambda value: value if type(value) is int and low <= value <= high else _SLOW
+
+
+def _fast_dynamic(value: Any) -> Any:
+    # Sized by the caller (the whole row's text), as ``_coerce(..., sized=False)``.
+    return value if _plain(value) else _SLOW
+
+
+_FAST: dict[str, Callable[[Any], Any]] = {
+    "string": _fast_string,
+    "datetime": _fast_datetime,
+    "int": _fast_int(_INT_RANGES["int"]),
+    "long": _fast_int(_INT_RANGES["long"]),
+    "real": lambda value: value if type(value) is float and math.isfinite(value) else _SLOW,
+    "boolean": lambda value: value if type(value) is bool else _SLOW,
+    "dynamic": _fast_dynamic,
+}
+
+
+@cache
+def _converters(table: str) -> tuple[tuple[str, str, Callable[[Any], Any]], ...]:
+    """(column, type, fast converter) per column of ``table`` in schema order, resolved once per table. A fast
+    converter returns the value :func:`_coerce` would for the usual case (exact types, ASCII text, Graph's time
+    form, plain JSON objects, returned without a copy) and :data:`_SLOW` for anything else."""
+    return tuple((name, ctype, _FAST[ctype]) for name, ctype in _columns(table).items())
+
+
 def _finish(table: str, raw: Mapping[str, Any]) -> Row:
     """Coerce raw values to the table's declared types, cut oversized values and order keys like the schema.
 
@@ -445,16 +562,24 @@ def _finish(table: str, raw: Mapping[str, Any]) -> Row:
     columns = _columns(table)
     values: dict[str, Any] = {}
     truncated: set[str] = set()
-    for name, value in raw.items():
-        ctype = columns.get(name)
-        if ctype is None:  # a builder/schema mismatch is a bug: fail loudly, the tests catch it
-            raise KeyError(f"{table} has no column {name!r}")
-        coerced, cut = _coerce(ctype, value, sized=False)
-        if cut:
-            truncated.add(name)
-        if coerced is not None:
-            values[name] = coerced
-    ordered = {name: values[name] for name in columns if name in values}
+    found = 0
+    for name, ctype, fast in _converters(table):  # schema order: the row comes out ordered
+        value = raw.get(name)
+        if value is None:
+            found += name in raw
+            continue
+        found += 1
+        coerced = fast(value)
+        if coerced is _SLOW:
+            coerced, cut = _coerce(ctype, value, sized=False)
+            if cut:
+                truncated.add(name)
+            if coerced is None:
+                continue
+        values[name] = coerced
+    if found != len(raw):  # a builder/schema mismatch is a bug: fail loudly, the tests catch it
+        raise KeyError(f"{table} has no column {sorted(set(raw) - set(columns))[0]!r}")
+    ordered = values
     wire = None if truncated else _wire(ordered)
     if wire is not None and len(wire) <= FIELD_MAX_BYTES:
         return Row(ordered, wire)
@@ -472,8 +597,14 @@ def _finish(table: str, raw: Mapping[str, Any]) -> Row:
 # Field helpers
 
 
+_NO_OBJECT: Mapping[str, Any] = MappingProxyType({})
+
+
 def _obj(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+    # Exact types first: most lookups find a dict or nothing, and the Mapping ABC check is slow.
+    if type(value) is dict:
+        return value
+    return value if value is not None and isinstance(value, Mapping) else _NO_OBJECT
 
 
 def _as_list(value: Any) -> list[Any] | None:
@@ -671,8 +802,13 @@ def alert_row(alert: Mapping[str, Any], *, incident_id: str, tenant_id: str, ten
 def evidence_type(evidence: Any) -> str | None:
     """``@odata.type`` without ``#microsoft.graph.security.`` (``"#microsoft.graph.security.ipEvidence"`` ->
     ``"ipEvidence"``); None when absent."""
-    odata_type = evidence.get("@odata.type") if isinstance(evidence, Mapping) else None
-    if not isinstance(odata_type, str) or not odata_type.strip():
+    odata_type = _obj(evidence).get("@odata.type")
+    return _type_name(odata_type) if isinstance(odata_type, str) else None
+
+
+@lru_cache(maxsize=256)
+def _type_name(odata_type: str) -> str | None:
+    if not odata_type.strip():
         return None
     name = odata_type.strip().lstrip("#")
     return name[len(_GRAPH_TYPE_PREFIX):] if name.startswith(_GRAPH_TYPE_PREFIX) else name
@@ -690,7 +826,7 @@ def _account_of(evidence: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _ip_of(value: Any) -> Any:
     """An ``ipAddress`` that is a string, or an ipEvidence object (nicEvidence, ioTDeviceEvidence, dnsEvidence)."""
-    return value.get("ipAddress") if isinstance(value, Mapping) else value
+    return value.get("ipAddress") if type(value) is dict or isinstance(value, Mapping) else value
 
 
 _NAME_IS_NOT_A_RESOURCE = frozenset({"malwareEvidence", "gitHubUserEvidence"})
@@ -704,7 +840,10 @@ def _first_item(value: Any) -> Any:
 def _hash_of(evidence: Mapping[str, Any], files: Mapping[str, Any], algorithm: str) -> Any:
     """A hash from ``fileDetails``/``imageFile``, a fileHashEvidence ``{algorithm, value}`` or blobEvidence
     ``fileHashes`` (a list of ``{algorithm, value}``)."""
+    found = files.get(algorithm)
     listed = evidence.get("fileHashes")
+    if (found is not None and found != "") or ("algorithm" not in evidence and not isinstance(listed, list)):
+        return found if found != "" else None  # the usual case, without building the candidates
     candidates = [evidence, *[h for h in listed if isinstance(h, Mapping)]] if isinstance(listed, list) else [evidence]
     by_algorithm = (c.get("value") for c in candidates
                     if isinstance(c.get("algorithm"), str) and c["algorithm"].lower() == algorithm)

@@ -28,7 +28,8 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
 from .settings import StorageConfig
-from .table_limits import TableLimitError, check_entity, split_batches, utf16_len, wire_bytes
+from .table_batch import entity_json, operation_overhead, submit_upserts
+from .table_limits import TableLimitError, check_entity, split_batches, utf16_len
 from .timeutil import format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -298,8 +299,11 @@ class StateStore:
                 assert group is not None
             groups.append(group)
         table = self.table(INCIDENTS)
-        for batch in split_batches(groups, wire_bytes):
-            table.submit_transaction([("upsert", e, {"mode": UpdateMode.REPLACE}) for e in batch])
+        table_url = f"{table.scheme}://{table._primary_hostname}/{table.table_name}"
+        # Each entity serialised once: its text sizes the transactions and is their body (sync.table_batch).
+        ops = [[(e, entity_json(e)) for e in group] for group in groups]
+        for batch in split_batches(ops, lambda op: len(op[1]) + operation_overhead(table_url, op[0])):
+            submit_upserts(table, batch)
         return dropped
 
     @staticmethod

@@ -812,3 +812,37 @@ def test_rows_carry_their_one_serialisation_and_drop_it_when_changed() -> None:
     big = dict(incident, description="x" * (FIELD_MAX_BYTES + 10))
     row = rows_for_incident(big, tenant_id="t", tenant_name="n", read_at=read_at)["DefenderIncidents_CL"][0]
     assert row.wire == json.dumps(row).encode("ascii") and "Description" in row["TruncatedFields"]
+
+
+# ---------------------------------------------------------------------------------------------- fast paths
+
+
+def test_record_id_is_the_uuid5_of_its_parts() -> None:
+    import uuid
+
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, "urn:defender-sentinel-sync:log-analytics:record")
+    for parts in [("t", "1", "2026-01-01T00:00:00.0000000Z"), ("a|b", "c"), ("é\U0001f600", "", "0"), ()]:
+        assert rows.record_id(*parts) == str(uuid.uuid5(namespace, json.dumps([str(p) for p in parts])))
+
+
+_NESTED: Any = "leaf"
+for _ in range(rows.MAX_DYNAMIC_DEPTH + 1):
+    _NESTED = [_NESTED]
+
+_EDGE_VALUES: list[Any] = [
+    "plain", "é", "\ud800", "x" * 60_001, "é" * 30_001, 0, 2**31, -(2**31) - 1, 2**63, True, 1.5, float("nan"),
+    float("inf"), None, "2026-01-02T03:04:05Z", "2026-01-02T03:04:05.123456789Z", "2026-02-30T00:00:00Z",
+    "2026-01-02T03:04:05.1+02:00", "0999-01-01T00:00:00Z", " 2026-01-02T03:04:05Z", "2026-01-02t03:04:05z",
+    datetime(2026, 1, 2, 3, 4, 5, 6), datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=2))),
+    {"a": [1, {"b": None}]}, {"a": float("nan")}, {1: "x"}, {"k\ud800": 1}, ["\udfff"], _NESTED, (1, 2), {"t": (1,)},
+    {"s": {1, 2}}, "12", "true",
+]
+
+
+@pytest.mark.parametrize("ctype", sorted(rows.COLUMN_TYPES))
+def test_fast_converters_agree_with_the_general_coercion(ctype: str) -> None:
+    for value in _EDGE_VALUES:
+        fast = rows._FAST[ctype](value)
+        if fast is not rows._SLOW:
+            expected, cut = rows._coerce(ctype, value, sized=False)
+            assert not cut and fast == expected and type(fast) is type(expected), (ctype, value)
