@@ -25,6 +25,7 @@ _NAMESPACE = uuid.UUID("9d3c8a0e-6a4f-4f7e-b3f1-2d7e5c9a1b40")
 BUILTIN_PROVIDERS = frozenset({"microsoft xdr", "microsoft 365 defender", "microsoft defender xdr"})
 INDEX_REFRESH_SECONDS = 60.0          # a listing this old is topped up (incidents created since) before it answers
 INDEX_MARGIN = timedelta(hours=1)     # clock skew between Defender's createdDateTime and Sentinel's createdTimeUtc
+INDEX_EXTEND = timedelta(days=1)      # reaching further back extends by at least this (pages come newest first)
 
 
 class WorkspaceIndex:
@@ -55,6 +56,8 @@ class WorkspaceIndex:
         with self._lock:
             since = since - INDEX_MARGIN
             if self.covered_from is None or since < self.covered_from:
+                if self.covered_from is not None:
+                    since = min(since, self.covered_from - INDEX_EXTEND)
                 self._list(since, deadline)
                 self.covered_from = since
             elif self.clock() - self._refreshed >= self.refresh_seconds:
