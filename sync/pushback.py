@@ -34,6 +34,7 @@ LISTED_PER_STEP = 20
 SWEEP_PER_RUN = 100           # full syncs (Graph + Sentinel reads) the sweep may start per run and tenant
 SWEEP_CHECKS_PER_RUN = 2000   # cheap checks (one Sentinel GET each) per run and tenant
 SWEEP_PER_STEP = 25
+SWEEP_VISITS_PER_STEP = 2000  # links looked at per step (most left unread: closed long ago)
 RECENTLY_CLOSED_DAYS = 7      # the sweep reads a closed incident's mirror only this long after its last sync
 CLOSED_STATUSES = frozenset({"resolved"})
 
@@ -269,7 +270,11 @@ class ReconcileCycle:
         if self._sweep is None:
             after = str(self._marker.get("sweepAfter") or "")
             self._sweep = self.ctx.state.iter_links(self.tenant.tenant_id, after)
-        for _ in range(SWEEP_PER_STEP):
+        checked, visited = 0, 0
+        # A step reads up to SWEEP_PER_STEP mirrors; links it leaves unread (closed long ago) are cheap and do not
+        # count, so the position is saved once per step, not once per 25 closed links.
+        while checked < SWEEP_PER_STEP and visited < SWEEP_VISITS_PER_STEP:
+            visited += 1
             item = next(self._sweep, None)
             if item is None:
                 self._marker["sweepAfter"] = ""  # wrap around next run
@@ -279,6 +284,7 @@ class ReconcileCycle:
             self._marker["sweepAfter"] = incident_id
             if link.get("state") == LINK_ACTIVE and not link.get("redirected") and not sweep_skips(link, self._now):
                 self._checked += 1
+                checked += 1
                 if self._mirror_unchanged(incident_id, link):
                     continue
                 self._swept += 1
