@@ -45,10 +45,13 @@ def _context_or_error() -> AppContext:
 
 def _cycle_factory(direction: str) -> Callable[[AppContext, TenantConfig, Deadline, datetime | None], Any]:
     if direction == "reconcile":
-        from .pushback import ReconcileCycle
+        from .pushback import ReconcileCycle, WorkspaceChanges
+
+        shared: dict[int, WorkspaceChanges] = {}   # one workspace listing per run, for every tenant
 
         def reconcile(ctx: AppContext, tenant: TenantConfig, deadline: Deadline, since: datetime | None) -> Any:
-            return ReconcileCycle(ctx, tenant, deadline=deadline, since=since)
+            changes = shared.setdefault(id(ctx), WorkspaceChanges(ctx))
+            return ReconcileCycle(ctx, tenant, deadline=deadline, since=since, changes=changes)
 
         return reconcile
 

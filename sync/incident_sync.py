@@ -52,7 +52,7 @@ from .mapping import (
 )
 from .merge import MergeResult, merge
 from .settings import TenantConfig
-from .targets import MirrorTarget
+from .targets import MirrorTarget, TargetComment
 from .telemetry import traced_incident_sync
 from .timeutil import canonical_time, parse_time
 
@@ -141,15 +141,22 @@ class IncidentSyncer:
 
     @traced_incident_sync  # sync.incident span: tenantId, incidentId, trigger, result
     def sync(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline, trigger: str,
-             defender: dict[str, Any] | None = None) -> SyncOutcome:
+             defender: dict[str, Any] | None = None, retry: bool = False) -> SyncOutcome:
         """Bring one incident's two sides together (see the module docstring), holding the incident's lease.
-        Raises :class:`IncidentBusy` when another worker holds it, ApiError on I/O failure."""
+        Raises :class:`IncidentBusy` when another worker holds it, ApiError on I/O failure. ``retry``: an earlier
+        attempt for this incident failed (it may have created the mirror before it failed)."""
         if not tenant.mirrors:
             # A data-only tenant is never written in Sentinel nor Defender, whatever links an older mode left.
             ignored = SyncOutcome(tenant.tenant_id, incident_id, "ignored",
                                   reason="the tenant is data-only: its incidents are not mirrored")
             self._log(ignored, trigger)
             return ignored
+        if trigger == "pull":
+            outcome = self._pull_without_lease(tenant, incident_id, deadline=deadline, defender=defender,
+                                               retry=retry)
+            if outcome is not None:
+                self._log(outcome, trigger)
+                return outcome
         owner = f"{self.ctx.instance_id}-{uuid.uuid4().hex[:8]}"
         wait = BUSY_WAIT_SECONDS.get(trigger, DEFAULT_BUSY_WAIT_SECONDS)
         with lease(self.ctx.state, tenant.tenant_id, f"incident:{incident_id}", owner, INCIDENT_LEASE_SECONDS,
@@ -160,13 +167,29 @@ class IncidentSyncer:
                     "outcome": "busy"})
                 raise IncidentBusy(f"incident {incident_id} is being synced by another worker; will retry later")
             for _ in range(MAX_LINK_RACES):
-                outcome = self._sync_once(tenant, incident_id, deadline=deadline, trigger=trigger,
+                link = self.ctx.state.get_link(tenant.tenant_id, incident_id)
+                outcome = self._sync_once(tenant, incident_id, link, deadline=deadline, trigger=trigger,
                                           defender=defender)
                 if outcome is not None:
                     self._log(outcome, trigger)
                     return outcome
                 defender = None  # another worker synced it meanwhile: start again from fresh reads
         raise ApiError(f"incident {incident_id}: the link kept changing under concurrent syncs; will retry later")
+
+    def _pull_without_lease(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline,
+                            defender: dict[str, Any] | None, retry: bool) -> SyncOutcome | None:
+        """The pull's cheap cases, without the incident's lease: a version already merged (one link read), and a
+        brand-new mirror. No link means no webhook, reconcile or sweep can reach the incident (they all find it
+        through its link) and the pull holds the tenant's lease, so nothing else syncs it meanwhile. None: it needs
+        the leased sync (a linked incident with a new version, or a link written meanwhile)."""
+        link = self.ctx.state.get_link(tenant.tenant_id, incident_id)
+        if link is not None:
+            if defender is not None and "_alertsError" not in defender and link.get("state") not in INACTIVE_LINKS \
+                    and link.get("defenderVersion", "") >= canonical_time(str(defender.get("lastUpdateDateTime"))):
+                return SyncOutcome(tenant.tenant_id, incident_id, "unchanged")
+            return None
+        return self._sync_once(tenant, incident_id, None, deadline=deadline, trigger="pull", defender=defender,
+                               blind_create=not retry)
 
     def _log(self, outcome: SyncOutcome, trigger: str) -> None:
         log.info("incident %s", outcome.result, extra={
@@ -175,11 +198,14 @@ class IncidentSyncer:
             "defenderFields": sorted(outcome.defender_changes), "sentinelFields": sorted(outcome.sentinel_changes),
             "commentsToDefender": outcome.comments_to_defender, "commentsToSentinel": outcome.comments_to_sentinel})
 
-    def _sync_once(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline, trigger: str,
-                   defender: dict[str, Any] | None) -> SyncOutcome | None:
+    def _sync_once(self, tenant: TenantConfig, incident_id: str, link: dict[str, Any] | None, *,
+                   deadline: Deadline, trigger: str, defender: dict[str, Any] | None,
+                   blind_create: bool = False) -> SyncOutcome | None:
+        """One attempt from the ``link`` just read; None when the link changed meanwhile (start again).
+        ``blind_create``: no earlier attempt can have created the mirror, so unless the workspace listing shows it,
+        it is created without reading it first."""
         state = self.ctx.state
         tid = tenant.tenant_id
-        link = state.get_link(tid, incident_id)
         link_etag = link.pop("etag", None) if link else None
         outcome = SyncOutcome(tid, incident_id, "unchanged")
         if link and link.get("state") in INACTIVE_LINKS:
@@ -210,7 +236,7 @@ class IncidentSyncer:
                 "tenantId": tid, "incidentId": incident_id, "action": "link", "outcome": "repaired"})
         outcome.sentinel_name = name
         if link is None:
-            builtin = self.target.find_builtin(tid, incident_id, deadline=deadline)
+            builtin = self.target.find_builtin(tid, incident_id, deadline=deadline, defender=defender)
             if builtin is not None:
                 if state.note_once("builtin-connector", tid):
                     log.warning("the built-in Defender XDR connector already mirrors this tenant's incidents; the "
@@ -261,7 +287,10 @@ class IncidentSyncer:
         # Read the mirror and write Defender FIRST, then the mirror from what Defender answered: Defender reacts to a
         # write (resolving an incident resolves its alerts, which the description lists), and writing the mirror
         # from the pre-write read would leave it stale, costing a second Sentinel write on the next sync.
-        current_resource = self.target.read(name, deadline=deadline)
+        if link is None and blind_create and not self.target.may_exist(name, defender, deadline=deadline):
+            current_resource = None  # a new mirror: created by the PUT below, nothing to read first
+        else:
+            current_resource = self.target.read(name, deadline=deadline)
         defender_changes: dict[str, Any] = {}
         first_merged: SyncedFields | None = None
         closing = sentinel_closing_comment((current_resource or {}).get("properties") or {})
@@ -296,8 +325,15 @@ class IncidentSyncer:
                                       holds, result.merged)
                 defender_changes.update(patch)
         outcome.defender_changes = defender_changes
-        outcome.comments_to_sentinel, outcome.comments_to_defender, sentinel_comments = self._sync_comments(
-            tid, incident_id, name, defender, writable, deadline)
+        defender_comment_count = _count(defender.get("comments"))
+        if link is not None and _comments_unchanged(link, current_resource, defender):
+            # Neither side has a comment it had not at the last sync: nothing to copy, no comment list read.
+            sentinel_comments = int(link["sentinelComments"])
+        else:
+            # A mirror created just now has no comments yet: nothing to list.
+            known: list[TargetComment] | None = [] if merged_box.get("created") else None
+            outcome.comments_to_sentinel, outcome.comments_to_defender, sentinel_comments = self._sync_comments(
+                tid, incident_id, name, defender, writable, deadline, known)
         if outcome.result != "created" and (outcome.wrote_defender or outcome.wrote_sentinel):
             outcome.result = "applied"
         sentinel_modified = (resource or {}).get("properties", {}).get("lastModifiedTimeUtc")
@@ -307,7 +343,8 @@ class IncidentSyncer:
                     "sentinelModified": sentinel_modified, "redirected": is_redirected(defender),
                     # What the mirror looked like when both sides agreed: the reconcile sweep re-syncs an incident
                     # only when this differs (a comment- or label-only edit need not move lastModifiedTimeUtc).
-                    "sentinelComments": sentinel_comments, "sentinelLabels": label_names(resource)}
+                    "sentinelComments": sentinel_comments, "sentinelLabels": label_names(resource),
+                    "defenderComments": defender_comment_count + outcome.comments_to_defender}
         if holds:
             new_link["defenderHolds"] = holds
         if not state.save_link(tid, incident_id, new_link, etag=link_etag):
@@ -346,12 +383,14 @@ class IncidentSyncer:
         return fresh
 
     def _sync_comments(self, tenant_id: str, incident_id: str, name: str, defender: dict[str, Any],
-                       writable: bool, deadline: Deadline) -> tuple[int, int, int]:
+                       writable: bool, deadline: Deadline,
+                       known: list[TargetComment] | None = None) -> tuple[int, int, int]:
         """Copy comments each way once: Sentinel IDs derive from the source comment, Defender copies carry the
         source key in their marker, and copies (marked) are never copied back. Returns the copies made each way
-        and how many comments the mirror has now."""
+        and how many comments the mirror has now. ``known``: the mirror's comments when already known (else
+        listed)."""
         to_sentinel = to_defender = 0
-        existing = self.target.comments(name, deadline=deadline)
+        existing = known if known is not None else self.target.comments(name, deadline=deadline)
         existing_ids = {c.comment_id.lower() for c in existing}
         raw_comments = defender.get("comments")
         defender_comments = [defender_comment_parts(c) for c in raw_comments if isinstance(c, dict)] \
@@ -392,6 +431,21 @@ class IncidentSyncer:
             copied |= _mirrored_keys(now) | {key}
             to_defender += 1
         return to_sentinel, to_defender, len(existing) + to_sentinel
+
+
+def _count(value: object) -> int:
+    return len(value) if isinstance(value, list) else 0
+
+
+def _comments_unchanged(link: dict[str, Any], mirror: dict[str, Any] | None, defender: dict[str, Any]) -> bool:
+    """Whether neither side has gained a comment since the link's last sync: the mirror's ``commentsCount`` and
+    Defender's comment count are as stored (Graph comments cannot be deleted; a redirect adds a comment). Unknown
+    counts count as changed."""
+    count = (((mirror or {}).get("properties") or {}).get("additionalData") or {}).get("commentsCount")
+    stored, defender_stored = link.get("sentinelComments"), link.get("defenderComments")
+    if not isinstance(count, int) or isinstance(count, bool) or count != stored or defender_stored is None:
+        return False
+    return not is_redirected(defender) and _count(defender.get("comments")) == defender_stored
 
 
 def _mirrored_keys(comments: object) -> set[str]:

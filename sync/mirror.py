@@ -40,7 +40,8 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
         if _backing_off(letters.get(incident_id), incident):
             return
         try:
-            outcome = syncer.sync(tenant, incident_id, deadline=deadline, trigger="pull", defender=incident)
+            outcome = syncer.sync(tenant, incident_id, deadline=deadline, trigger="pull", defender=incident,
+                                  retry=incident_id in letters)
         except (BudgetExhausted, LeaseLost):
             raise  # the run stops here; the page is read again next run
         except Exception as exc:  # any failure of one incident: never replay the page forever

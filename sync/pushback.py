@@ -34,6 +34,64 @@ LISTED_PER_STEP = 20
 SWEEP_PER_RUN = 100           # full syncs (Graph + Sentinel reads) the sweep may start per run and tenant
 SWEEP_CHECKS_PER_RUN = 2000   # cheap checks (one Sentinel GET each) per run and tenant
 SWEEP_PER_STEP = 25
+SWEEP_VISITS_PER_STEP = 2000  # links looked at per step (most left unread: closed long ago)
+RECENTLY_CLOSED_DAYS = 7      # the sweep reads a closed incident's mirror only this long after its last sync
+CLOSED_STATUSES = frozenset({"resolved"})
+
+
+class WorkspaceChanges:
+    """The workspace's incidents modified since a time, listed ONCE per reconcile run and shared by every tenant's
+    cycle (each takes the incidents its links name): the reconcile's ARM reads grow with the changes, not with the
+    tenants. A cycle asking for an earlier time than listed so far lists again from there (tenants' cursors are
+    normally the same: the previous run's start). The Sentinel name -> link look-up is shared too."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self._from: datetime | None = None
+        self._items: list[dict[str, Any]] = []
+        self.listed_at = utcnow()
+        self.listings = 0
+        self._links: dict[str, tuple[str, str, dict[str, Any]] | None] = {}
+
+    def since(self, lower: datetime, deadline: Deadline) -> list[dict[str, Any]]:
+        """The incidents modified at or after ``lower``, oldest first."""
+        if self._from is None or lower < self._from:
+            started = utcnow()
+            self._items = list(self.ctx.sentinel.list_incidents(modified_since=lower, deadline=deadline))
+            self._from, self.listed_at = lower, started
+            self.listings += 1
+        return [i for i in self._items if _modified_since(i, lower)]
+
+    def link(self, name: str) -> tuple[str, str, dict[str, Any]] | None:
+        """(tenant ID, incident ID, link) of the app's mirror ``name``, read once per run."""
+        key = name.lower()
+        if key not in self._links:
+            self._links[key] = self.ctx.state.find_link_by_sentinel_name(name)
+        return self._links[key]
+
+
+def _modified_since(incident: dict[str, Any], lower: datetime) -> bool:
+    """Whether the incident was modified at or after ``lower`` (an unreadable time counts as modified)."""
+    try:
+        return parse_time(str((incident.get("properties") or {}).get("lastModifiedTimeUtc"))) >= lower
+    except ValueError:
+        return True
+
+
+def sweep_skips(link: dict[str, Any], now: datetime) -> bool:
+    """Whether the sweep leaves this link alone without reading its mirror: closed at its last sync, and that sync
+    (Defender's version or the mirror's modification) older than :data:`RECENTLY_CLOSED_DAYS`. A reopen or any
+    edit that moves ``lastModifiedTimeUtc`` is still caught by the modified-since listing and the webhook."""
+    base = link.get("base")
+    if not isinstance(base, dict) or base.get("status") not in CLOSED_STATUSES:
+        return False
+    times = []
+    for key in ("defenderVersion", "sentinelModified"):
+        try:
+            times.append(parse_time(str(link.get(key))))
+        except ValueError:
+            return False  # unknown: read it
+    return max(times) < now - timedelta(days=RECENTLY_CLOSED_DAYS)
 
 
 def incident_reference(body: dict[str, Any], workspace_id: str) -> tuple[str, str | None]:
@@ -98,8 +156,9 @@ class ReconcileCycle:
     tenant's mirrored incidents (comment- and label-only edits may not move ``lastModifiedTimeUtc``)."""
 
     def __init__(self, ctx: AppContext, tenant: TenantConfig, *, deadline: Deadline,
-                 since: datetime | None = None) -> None:
+                 since: datetime | None = None, changes: WorkspaceChanges | None = None) -> None:
         self.ctx = ctx
+        self.changes = changes or WorkspaceChanges(ctx)
         self.tenant = tenant
         self.deadline = deadline
         self.since = since
@@ -110,6 +169,7 @@ class ReconcileCycle:
         self._marker: dict[str, Any] = {}
         self._listing: Iterator[dict[str, Any]] | None = None
         self._listing_started = utcnow()
+        self._now = utcnow()
         self._swept = 0
         self._checked = 0
         self._syncer = IncidentSyncer(ctx)
@@ -143,7 +203,8 @@ class ReconcileCycle:
             lower = parse_time(cursor) - timedelta(seconds=self.ctx.settings.overlap_seconds)
         else:
             lower = self._listing_started - timedelta(days=self.ctx.settings.initial_lookback_days)
-        self._listing = self.ctx.sentinel.list_incidents(modified_since=lower, deadline=self.deadline)
+        self._listing = iter(self.changes.since(lower, self.deadline))
+        self._listing_started = self.changes.listed_at
 
     def step(self) -> bool:
         self.deadline.check(self.deadline.reserve(3.0))
@@ -193,7 +254,7 @@ class ReconcileCycle:
         labels = props.get("labels") or []
         if not any(isinstance(x, dict) and x.get("labelName") == SOURCE_LABEL for x in labels):
             return
-        found = self.ctx.state.find_link_by_sentinel_name(str(incident.get("name", "")))
+        found = self.changes.link(str(incident.get("name", "")))
         if found is None or found[0] != self.tenant.tenant_id:
             return
         _tenant, incident_id, link = found
@@ -209,7 +270,11 @@ class ReconcileCycle:
         if self._sweep is None:
             after = str(self._marker.get("sweepAfter") or "")
             self._sweep = self.ctx.state.iter_links(self.tenant.tenant_id, after)
-        for _ in range(SWEEP_PER_STEP):
+        checked, visited = 0, 0
+        # A step reads up to SWEEP_PER_STEP mirrors; links it leaves unread (closed long ago) are cheap and do not
+        # count, so the position is saved once per step, not once per 25 closed links.
+        while checked < SWEEP_PER_STEP and visited < SWEEP_VISITS_PER_STEP:
+            visited += 1
             item = next(self._sweep, None)
             if item is None:
                 self._marker["sweepAfter"] = ""  # wrap around next run
@@ -217,8 +282,9 @@ class ReconcileCycle:
                 return False
             incident_id, link = item
             self._marker["sweepAfter"] = incident_id
-            if link.get("state") == LINK_ACTIVE and not link.get("redirected"):
+            if link.get("state") == LINK_ACTIVE and not link.get("redirected") and not sweep_skips(link, self._now):
                 self._checked += 1
+                checked += 1
                 if self._mirror_unchanged(incident_id, link):
                     continue
                 self._swept += 1

@@ -6,18 +6,96 @@ to the unified Defender portal such incidents are not shown in the incident queu
 from __future__ import annotations
 
 import copy
+import threading
+import time
 import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from ..budget import Deadline
 from ..sentinel import ConflictError, SentinelClient
 from ..settings import TenantConfig
+from ..timeutil import parse_time, utcnow
 from . import UNREAD, Mutate, TargetComment
 
 # Fixed namespace: the Sentinel incident name of a Defender incident never changes across versions or deployments.
 _NAMESPACE = uuid.UUID("9d3c8a0e-6a4f-4f7e-b3f1-2d7e5c9a1b40")
 BUILTIN_PROVIDERS = frozenset({"microsoft xdr", "microsoft 365 defender", "microsoft defender xdr"})
+INDEX_REFRESH_SECONDS = 60.0          # a listing this old is topped up (incidents created since) before it answers
+INDEX_MARGIN = timedelta(hours=1)     # clock skew between Defender's createdDateTime and Sentinel's createdTimeUtc
+INDEX_EXTEND = timedelta(days=1)      # reaching further back extends by at least this (pages come newest first)
+
+
+class WorkspaceIndex:
+    """What the workspace holds, from one listing of the incidents created since a time, kept for the process and
+    topped up (only what was created since) when older than :data:`INDEX_REFRESH_SECONDS`: so the built-in-connector
+    check and "does this name exist yet" cost one listing per run, not a request per incident.
+
+    A Sentinel incident is never created before its Defender incident, so an index covering the time since a
+    Defender incident's ``createdDateTime`` (less :data:`INDEX_MARGIN`) holds its mirror if it has one. Nothing here
+    relies on ``$filter``: a server that ignores it returns more, which is kept just the same.
+    """
+
+    def __init__(self, client: SentinelClient, *, clock: Callable[[], float] = time.monotonic,
+                 refresh_seconds: float = INDEX_REFRESH_SECONDS) -> None:
+        self.client = client
+        self.clock = clock
+        self.refresh_seconds = refresh_seconds
+        self.covered_from: datetime | None = None   # every incident created at or after this is known
+        self._listed_at: datetime | None = None      # wall time the last listing started
+        self._refreshed = 0.0
+        self.names: set[str] = set()
+        self.by_source: dict[str, dict[str, dict[str, Any]]] = {}  # providerIncidentId -> name -> incident
+        self.listings = 0
+        self._lock = threading.Lock()
+
+    def ensure(self, since: datetime, *, deadline: Deadline) -> None:
+        """Make the index cover every incident created at or after ``since`` and be no older than the refresh."""
+        with self._lock:
+            since = since - INDEX_MARGIN
+            if self.covered_from is None or since < self.covered_from:
+                if self.covered_from is not None:
+                    since = min(since, self.covered_from - INDEX_EXTEND)
+                self._list(since, deadline)
+                self.covered_from = since
+            elif self.clock() - self._refreshed >= self.refresh_seconds:
+                assert self._listed_at is not None
+                self._list(self._listed_at - INDEX_MARGIN, deadline)
+
+    def _list(self, since: datetime, deadline: Deadline) -> None:
+        started, begun = utcnow(), self.clock()
+        for incident in self.client.list_incidents_created(since, deadline=deadline, top=1000):
+            self.add(incident)
+        self.listings += 1
+        if self._listed_at is None or started > self._listed_at:
+            self._listed_at = started
+        self._refreshed = begun
+
+    def add(self, incident: dict[str, Any]) -> None:
+        """Record an incident (listed, or created by this process)."""
+        name = str(incident.get("name", "")).lower()
+        self.names.add(name)
+        props = incident.get("properties") or {}
+        if str(props.get("providerName", "")).lower() in BUILTIN_PROVIDERS:
+            self.by_source.setdefault(str(props.get("providerIncidentId", "")), {})[name] = incident
+
+    def exists(self, name: str) -> bool:
+        return name.lower() in self.names
+
+    def candidates(self, incident_id: str) -> list[dict[str, Any]]:
+        """Incidents with a Defender provider and this ``providerIncidentId``."""
+        return list(self.by_source.get(incident_id, {}).values())
+
+
+def defender_created(defender: dict[str, Any] | None) -> datetime | None:
+    """The Defender incident's ``createdDateTime``, or None when absent or unreadable."""
+    value = (defender or {}).get("createdDateTime")
+    try:
+        return parse_time(str(value)) if value else None
+    except ValueError:
+        return None
 
 
 class SentinelTarget:
@@ -25,6 +103,7 @@ class SentinelTarget:
 
     def __init__(self, client: SentinelClient) -> None:
         self.client = client
+        self.index = WorkspaceIndex(client)
 
     def request_mirror(self, tenant: TenantConfig, defender: dict[str, Any]) -> bool:
         """False: this target creates the mirror itself, on the first write."""
@@ -56,22 +135,42 @@ class SentinelTarget:
             if wanted is None:
                 return current
             try:
-                return self.client.put_incident(name, wanted, etag=current["etag"] if current is not None else None,
-                                                deadline=deadline)
+                written = self.client.put_incident(name, wanted, etag=current["etag"] if current is not None
+                                                   else None, deadline=deadline)
+                self.index.add(written)
+                return written
             except ConflictError:
                 pass  # changed since it was read: read, merge and write again
         return self.client.update_incident(name, mutate, deadline=deadline)
 
-    def find_builtin(self, tenant_id: str, incident_id: str, *, deadline: Deadline) -> dict[str, Any] | None:
+    def may_exist(self, name: str, defender: dict[str, Any], *, deadline: Deadline) -> bool:
+        """Whether the mirror ``name`` of this Defender incident may already exist (then it is read before it is
+        written); False only when the run's workspace listing, which covers the incident's creation, lacks it."""
+        created = defender_created(defender)
+        if created is None:
+            return True
+        self.index.ensure(created, deadline=deadline)
+        return self.index.exists(name)
+
+    def find_builtin(self, tenant_id: str, incident_id: str, *, deadline: Deadline,
+                     defender: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The built-in connector's incident for this Defender incident, if that connector mirrors it.
 
-        Matched on the exact ``providerIncidentId`` (checked here too: a lenient server may ignore ``$filter``) and a
-        Defender provider name. Incident IDs are only unique per tenant and the connector serves the workspace's own
-        tenant only: a provider URL naming another tenant is not a match, and one without ``tid`` belongs to the
-        workspace's tenant (an MSSP's own incidents never hide a customer's incidents with the same IDs).
+        Answered from the run's workspace listing (:class:`WorkspaceIndex`) when the Defender incident's creation
+        time is known, else by a listing filtered on ``providerIncidentId``. Matched on the exact
+        ``providerIncidentId`` and a Defender provider name. Incident IDs are only unique per tenant and the
+        connector serves the workspace's own tenant only: a provider URL naming another tenant is not a match, and
+        one without ``tid`` belongs to the workspace's tenant (an MSSP's own incidents never hide a customer's
+        incidents with the same IDs).
         """
+        created = defender_created(defender)
+        if created is not None:
+            self.index.ensure(created, deadline=deadline)
+            listed = self.index.candidates(incident_id)
+        else:
+            listed = list(self.client.list_incidents(provider_incident_id=incident_id, deadline=deadline, top=50))
         home: str | None = None
-        for incident in self.client.list_incidents(provider_incident_id=incident_id, deadline=deadline, top=50):
+        for incident in listed:
             props = incident.get("properties") or {}
             if str(props.get("providerName", "")).lower() not in BUILTIN_PROVIDERS or self.excluded_from_builtin(
                     incident):
