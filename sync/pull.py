@@ -88,6 +88,7 @@ class TenantPull:
         self._busy = False                       # another instance holds the tenant: skipped, nothing written
         self._state: TenantState | None = None
         self._confirmed: TenantState | None = None  # the progress known good: what the last write records
+        self._prefetched: dict[str, IncidentVersion] | None = None  # versions _needs_writes read for this page
         self._slices: list[_Slice] = []
         self._current: _Slice | None = None
         self._pages: Iterator[IncidentPage] | None = None
@@ -188,11 +189,28 @@ class TenantPull:
             self._note(warning)  # Graph's order failed us; the walk degraded instead of stalling
         if page.may_repeat:
             self._after_resume = True  # a degraded read may return incidents already stored: look them up
-        if page.incidents and not self._take_lease():
+        if self._lease is None and not self._needs_writes(page.incidents):
+            self.summary.skipped += len(page.incidents)  # all read before (the overlap): nothing to store
+            self._after_resume = False
+            return True
+        if not self._take_lease():
             return False
         self._process(page.incidents)
         self._checkpoint(page.position)
         return True
+
+    def _needs_writes(self, incidents: list[dict[str, Any]]) -> bool:
+        """Whether a page holds anything to store or mirror (then the lease is needed); the versions read to tell
+        are kept for :meth:`_process`. A page of incidents re-read in the overlap costs their look-ups only."""
+        if not incidents:
+            return False
+        if self.hook is not None and self.tenant.mirrors and any(passes_filters(self.tenant, i) for i in incidents):
+            return True
+        if any(not isinstance(i, dict) or "_alertsError" in i or not self._may_be_known(i) for i in incidents):
+            return True
+        versions = self.ctx.state.get_versions(self.tenant.tenant_id, [str(i.get("id")) for i in incidents])
+        self._prefetched = versions
+        return not all(_already_ingested(i, versions.get(str(i.get("id")))) for i in incidents)
 
     def finish(self, outcome: str | None = None, error: str | None = None) -> TenantSummary:
         """Record the run with the cursor and give the lease back, in one ``If-Match`` write; return the summary."""
@@ -374,8 +392,9 @@ class TenantPull:
         store = self.ctx.state
         incidents = [i for i in page if isinstance(i, dict)]
         ids_seen: set[str] = set()
-        versions = store.get_versions(tenant.tenant_id, [str(i.get("id")) for i in incidents
-                                                         if self._may_be_known(i)])
+        versions = self._prefetched if self._prefetched is not None else store.get_versions(
+            tenant.tenant_id, [str(i.get("id")) for i in incidents if self._may_be_known(i)])
+        self._prefetched = None
         self._after_resume = False
         read_at = utcnow()
         rows: dict[str, list[dict[str, Any]]] = {"DefenderIncidents_CL": [], "DefenderAlerts_CL": [],
@@ -507,8 +526,7 @@ class TenantPull:
         """Rows for what is new in this version, or None when this version was already ingested."""
         incident_id = str(incident.get("id"))
         version = canonical_time(str(incident.get("lastUpdateDateTime")))
-        if previous is not None and (previous.last_update > version
-                                     or (previous.last_update == version and not previous.partial)):
+        if _already_ingested(incident, previous):
             return None
         t = self.tenant
         resumed = previous is not None and previous.last_update == version  # a partly stored version
@@ -606,6 +624,17 @@ def _stored_part(alert_id: str, alert_version: str, lost: set[tuple[str, str]], 
     if alert_id not in missing:
         return alert_version if alert_stored else EVIDENCE_ONLY + alert_version
     return f"P{'A' if alert_stored else ''}{','.join(map(str, sorted(missing[alert_id])))}:{alert_version}"
+
+
+def _already_ingested(incident: dict[str, Any], previous: IncidentVersion | None) -> bool:
+    """Whether this version of the incident (or a later one) was stored in full already."""
+    if previous is None:
+        return False
+    try:
+        version = canonical_time(str(incident.get("lastUpdateDateTime")))
+    except ValueError:
+        return False
+    return previous.last_update > version or (previous.last_update == version and not previous.partial)
 
 
 def _held_by_another(state: TenantState, owner: str) -> bool:
