@@ -91,7 +91,8 @@ def _functions() -> dict[str, Any]:
     if not _FUNCTIONS:
         import function_app
 
-        _FUNCTIONS.update({f.get_function_name(): f.get_user_function() for f in function_app.app.get_functions()})
+        _FUNCTIONS.update({str(f.get_function_name()): f.get_user_function()
+                           for f in function_app.app.get_functions()})
     return _FUNCTIONS
 
 
@@ -269,9 +270,8 @@ def lag(args: argparse.Namespace, app: App, hub: EmulatorHub, tenants: list[str]
             if stamp <= ticks0:
                 continue
             key = (str(row["DefenderTenantId"]), str(row["IncidentId"]), _canonical(str(row["LastUpdateDateTime"])))
-            at = waiting.pop(key, None)
-            if at is not None:
-                lags.append(tick + (stamp - ticks0) / TICKS_PER_SECOND - at)
+            if key in waiting:
+                lags.append(tick + (stamp - ticks0) / TICKS_PER_SECOND - waiting.pop(key))
         duration = time.perf_counter() - real0
         durations.append(duration)
         tick = max(tick + 60.0, 60.0 * -(-(tick + duration) // 60.0))
