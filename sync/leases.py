@@ -1,8 +1,10 @@
 """Leases in Table Storage, held through one helper so a renewing keeper can never outlive its holder.
 
-Every lease the app takes goes through :func:`lease`: the tenant's pull and reconcile cycles (held from ``start``
-to ``finish`` by moving the context onto an :class:`contextlib.ExitStack` once ``start`` succeeded) and the
-per-incident lease every sync of one incident holds (:mod:`sync.incident_sync`). Leaving the ``with`` block, by
+Leases in the leases table go through :func:`lease`: the tenant's reconcile cycle (held from ``start`` to ``finish``
+by moving the context onto an :class:`contextlib.ExitStack` once ``start`` succeeded) and the per-incident lease every
+sync of one incident holds (:mod:`sync.incident_sync`). The pull's lease lives in the tenant's state entity instead
+(:meth:`sync.state.StateStore.take_tenant_lease`), so taking it is the run's first checkpoint and giving it back is
+part of its last write; :class:`LeaseKeeper` renews it all the same. Leaving the ``with`` block, by
 success or by an exception, stops the keeper and gives the lease back.
 
 A lease is *lost* when a renewal finds another owner, or when its expiry passes without a successful renewal (storage
@@ -54,6 +56,12 @@ class LeaseKeeper:
         """Whether the lease can no longer be counted on (taken by another owner, or expired unrenewed)."""
         margin = min(EXPIRY_MARGIN_SECONDS, self._seconds / 10)
         return self._lost or (utcnow() - self.lease.expires_at).total_seconds() >= -margin
+
+    @property
+    def guard(self) -> threading.Lock:
+        """Held around each renewal: a holder that writes the lease's entity itself (the pull's lease lives in the
+        tenant's state) takes it too, so the two never race on the entity's ETag."""
+        return self._lock
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` when the lease is lost."""

@@ -1,20 +1,23 @@
 """One tenant's pull cycle (Defender → Log Analytics, then the mirror hook), as resumable steps.
 
-The cycle reads the window ``[cursor - overlap, now]`` (first run: ``now - lookback``), split into slices of at
-most :data:`SLICE` oldest first. Each slice is walked newest first by time keyset (see ``GraphSecurityClient``);
-after every page the rows are stored, the versions recorded, and the keyset position checkpointed, so a crash or
-a spent budget resumes where it stopped. The cursor moves to a slice's upper bound only when the whole slice is
-done. A version already ingested is never ingested again; an incident that cannot be ingested is dead-lettered
-instead of holding the cursor.
+The cycle reads the window ``[cursor - overlap, now]`` (first run: ``now - lookback``) as one keyset walk, newest
+first (see ``GraphSecurityClient``); after every page the rows are stored, the versions recorded, and the keyset
+position checkpointed, so a crash or a spent budget resumes where it stopped (the unfinished window is finished
+first next run). The cursor moves to the window's upper bound only when the whole window is done. A version already
+ingested is never ingested again; an incident that cannot be ingested is dead-lettered instead of holding the cursor.
+
+An idle tenant is cheap, so a one-minute schedule suits many tenants: one query reads its state, lease and when its
+earliest dead letter is due; one Graph request finds nothing; one ``If-Match`` write records the run. The lease
+(kept in the state entity) is taken only before the first page with incidents or a due dead letter.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,16 +27,15 @@ from .context import AppContext
 from .filters import passes_filters
 from .graph import IncidentPage, KeysetPosition
 from .http import ApiError, describe_error
-from .leases import LeaseKeeper, LeaseLost, lease
+from .leases import LeaseKeeper, LeaseLost
 from .models import TenantSummary
 from .rows import alert_row, evidence_rows, incident_row
 from .settings import TenantConfig
-from .state import DeadLetter, IncidentVersion, StaleWrite, TenantState, run_record
+from .state import PULL_LETTER_KINDS, DeadLetter, IncidentVersion, StaleWrite, TenantState, run_record
 from .timeutil import canonical_time, format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
 
-SLICE = timedelta(days=1)
 LEASE_SECONDS = 60.0
 STEP_RESERVE_SECONDS = 8.0  # room to store a fetched page (the sink starts no call with < 5 s left)
 DEAD_LETTER_RETRIES_PER_RUN = 20
@@ -82,9 +84,11 @@ class TenantPull:
         self.upper = now or self.started
         self.owner = f"{ctx.instance_id}-{uuid.uuid4().hex[:8]}"
         self.summary = TenantSummary(tenant_id=tenant.tenant_id)
-        self._lease: LeaseKeeper | None = None
-        self._held = ExitStack()     # holds the lease from a successful start to finish
+        self._lease: LeaseKeeper | None = None   # taken once there is work (see _take_lease)
+        self._busy = False                       # another instance holds the tenant: skipped, nothing written
         self._state: TenantState | None = None
+        self._confirmed: TenantState | None = None  # the progress known good: what the last write records
+        self._prefetched: dict[str, IncidentVersion] | None = None  # versions _needs_writes read for this page
         self._slices: list[_Slice] = []
         self._current: _Slice | None = None
         self._pages: Iterator[IncidentPage] | None = None
@@ -104,34 +108,35 @@ class TenantPull:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> bool:
-        """Take the tenant's lease and plan the slices. False when another instance is working this tenant."""
-        store = self.ctx.state
-        with ExitStack() as stack:  # a failure below gives the lease back at once
-            keeper = stack.enter_context(lease(store, self.tenant.tenant_id, "pull", self.owner, LEASE_SECONDS))
-            if keeper is None:
-                self.summary.outcome = "skipped"
-                self.summary.error = "another instance holds this tenant's lease; skipped"
-                self._log("pull", "skipped-leased")
-                return False
-            self._lease = keeper
-            try:
-                state = store.get_tenant(self.tenant.tenant_id)
-                self._state = state
-                self.summary.cursor_before = state.cursor
-                self.summary.cursor_after = state.cursor
-                self._slices = self._plan(state)
-                if not self._slices and state.cursor is None and self.since is None:
-                    # A zero lookback: start from now instead of never starting.
-                    state.cursor = format_time(self.upper)
-                    self._save(state)
-                    self.summary.cursor_after = state.cursor
-            except BaseException:
-                self._lease = None
-                raise
-            self._held = stack.pop_all()
+        """Read the tenant's state (one query) and plan the window. False when another instance holds its lease.
+
+        The lease is taken only once there is work (:meth:`_take_lease`), with the write that is also the run's
+        first checkpoint: a tenant with nothing new costs this read, one Graph request and the last write.
+        """
+        state = self.ctx.state.get_tenant(self.tenant.tenant_id)
+        if _held_by_another(state, self.owner):
+            self._skip()
+            return False
+        self._state = state
+        self.summary.cursor_before = state.cursor
+        self.summary.cursor_after = state.cursor
+        self._slices = self._plan(state)
+        if not self._slices and state.cursor is None and self.since is None:
+            state.cursor = format_time(self.upper)  # a zero lookback: start from now instead of never starting
+            self.summary.cursor_after = state.cursor
+        self._confirm(state)
         return True
 
+    def _skip(self) -> None:
+        self._busy = True
+        self.summary.outcome = "skipped"
+        self.summary.error = "another instance holds this tenant's lease; skipped"
+        self._log("pull", "skipped-leased")
+
     def _plan(self, state: TenantState) -> list[_Slice]:
+        """The slice a previous run left unfinished (if any), then one window up to now: the keyset walk pages
+        through it, and its position is checkpointed after every page, so a large backlog stays resumable without
+        spending a request per day of an empty look-back."""
         s = self.ctx.settings
         upper = self.upper
         slices: list[_Slice] = []
@@ -146,21 +151,25 @@ class TenantPull:
                 lower = parse_time(state.cursor) - timedelta(seconds=s.overlap_seconds)
             else:
                 lower = upper - timedelta(days=s.initial_lookback_days)
-        while lower < upper:
-            end = min(upper, lower + SLICE)
-            slices.append(_Slice(format_time(lower), format_time(end)))
-            lower = end
+        if lower < upper:
+            slices.append(_Slice(format_time(lower), format_time(upper)))
         return slices
 
     def step(self) -> bool:
         """Process one page. Returns True while work remains."""
-        assert self._state is not None and self._lease is not None
+        assert self._state is not None
+        if self._busy:
+            return False
         self.deadline.check(self.deadline.reserve(STEP_RESERVE_SECONDS))
-        self._keep_lease()
+        if self._lease is not None:
+            self._keep_lease()
         if not self._retried:
             self._retried = True
-            self._retry_dead_letters()
-            return True
+            if self._letters_due(self._state):
+                if not self._take_lease():
+                    return False
+                self._retry_dead_letters()
+                return True
         if self._pages is None:
             if not self._slices:
                 return False
@@ -180,45 +189,129 @@ class TenantPull:
             self._note(warning)  # Graph's order failed us; the walk degraded instead of stalling
         if page.may_repeat:
             self._after_resume = True  # a degraded read may return incidents already stored: look them up
+        if self._lease is None and not self._needs_writes(page.incidents):
+            self.summary.skipped += len(page.incidents)  # all read before (the overlap): nothing to store
+            self._after_resume = False
+            return True
+        if not self._take_lease():
+            return False
         self._process(page.incidents)
         self._checkpoint(page.position)
         return True
 
+    def _needs_writes(self, incidents: list[dict[str, Any]]) -> bool:
+        """Whether a page holds anything to store or mirror (then the lease is needed); the versions read to tell
+        are kept for :meth:`_process`. A page of incidents re-read in the overlap costs their look-ups only."""
+        if not incidents:
+            return False
+        if self.hook is not None and self.tenant.mirrors and any(passes_filters(self.tenant, i) for i in incidents):
+            return True
+        if any(not isinstance(i, dict) or "_alertsError" in i or not self._may_be_known(i) for i in incidents):
+            return True
+        versions = self.ctx.state.get_versions(self.tenant.tenant_id, [str(i.get("id")) for i in incidents])
+        self._prefetched = versions
+        return not all(_already_ingested(i, versions.get(str(i.get("id")))) for i in incidents)
+
     def finish(self, outcome: str | None = None, error: str | None = None) -> TenantSummary:
-        """Record the run, release the lease, and return the summary."""
+        """Record the run with the cursor and give the lease back, in one ``If-Match`` write; return the summary."""
         stats = self._graph_stats()
         self.summary.requests = stats.requests - self._stats_base[0]
         self.summary.throttled = stats.throttled - self._stats_base[1]
-        if outcome is not None:
+        if outcome is not None and not self._busy:
             self.summary.outcome = outcome
-        if error is not None:
+        if error is not None and not self._busy:
             self.summary.error = error
-        if self._lease is not None and self._state is not None:
-            store = self.ctx.state
+        if self._state is not None and not self._busy:
             try:
-                if not self._lease.lost:  # the new owner's progress is not ours to overwrite
-                    # Re-read: a failed step may have left in-memory state ahead of what was stored.
-                    state = store.get_tenant(self.tenant.tenant_id)
-                    state.last_run = run_record(self.started, utcnow(), self.summary.outcome,
-                                                {k: v for k, v in self.summary.to_dict().items() if k != "notes"})
-                    self._save(state)
-                    self.summary.cursor_after = state.cursor
+                if self._lease is None or not self._lease.lost:  # the new owner's progress is not ours to overwrite
+                    self._record_run()
             finally:
-                self._held.close()
-                self._lease = None
+                if self._lease is not None:
+                    self._lease.release()
+                    self._lease = None
         self._log("pull", self.summary.outcome, incidents=self.summary.incidents, alerts=self.summary.alerts,
                   evidence=self.summary.evidence, pages=self.summary.pages, throttled=self.summary.throttled,
                   deadLettered=self.summary.dead_lettered, cursor=self.summary.cursor_after)
         return self.summary
 
     # ------------------------------------------------------------------ internals
-    def _save(self, state: TenantState) -> None:
-        """Store progress, but never once the lease is lost: another instance owns the tenant's state now."""
-        self._keep_lease()
+    def _record_run(self) -> None:
+        """The run's last write: the progress last confirmed (never what a failed step left in memory), the run
+        record, and the lease given back."""
+        assert self._confirmed is not None
+        final = copy.deepcopy(self._confirmed)
+        final.last_run = run_record(self.started, utcnow(), self.summary.outcome,
+                                    {k: v for k, v in self.summary.to_dict().items() if k != "notes"})
+        final.lease_owner = final.lease_expires_at = None
+        if self._lease is None:
+            try:  # If-Match on the state as this run read it
+                self.ctx.state.save_tenant(final)
+            except StaleWrite:
+                self._note("another instance served this tenant meanwhile; this run's record was not kept")
+                return
+        else:
+            with self._lease.guard:
+                final.etag = self._lease.lease.etag
+                try:
+                    self.ctx.state.save_tenant(final)
+                except StaleWrite as exc:
+                    raise LeaseLost(str(exc)) from exc
+                self._lease.lease.released = True
+        self.summary.cursor_after = final.cursor
+
+    def _take_lease(self) -> bool:
+        """Take the tenant's lease before the first write that matters (a stored page, a retried letter), with one
+        write of the state as read, which also records what :meth:`_start_slice` prepared. False (the run is then
+        skipped) when another instance took the tenant since this run read its state."""
+        if self._lease is not None:
+            return True
+        assert self._state is not None
+        taken = self.ctx.state.take_tenant_lease(self._state, self.owner, LEASE_SECONDS)
+        if taken is None:
+            self._skip()
+            return False
+        self._lease = LeaseKeeper(self.ctx.state, taken, LEASE_SECONDS)
+        self._confirm(self._state)
+        return True
+
+    def _letters_due(self, state: TenantState) -> bool:
+        """Whether the dead-letter table must be read this run: a pending letter is due, or the tenant's state
+        predates the due-time row (then the read records it)."""
+        if not state.letters_tracked:
+            return True
+        if state.letters_due_at is None:
+            return False
         try:
-            self.ctx.state.save_tenant(state)
-        except StaleWrite as exc:
-            raise LeaseLost(str(exc)) from exc
+            return parse_time(state.letters_due_at) <= utcnow()
+        except ValueError:
+            return True
+
+    def _persist(self, state: TenantState) -> None:
+        """Store progress now when the lease is held; before that (nothing stored yet) keep it for the last write."""
+        if self._lease is not None:
+            self._save(state)
+        else:
+            self._confirm(state)
+
+    def _confirm(self, state: TenantState) -> None:
+        self._confirmed = copy.deepcopy(state)
+
+    def _save(self, state: TenantState) -> None:
+        """Store progress (renewing the lease with it), but never once the lease is lost: another instance owns the
+        tenant's state now."""
+        self._keep_lease()
+        assert self._lease is not None
+        with self._lease.guard:
+            held = self._lease.lease
+            expires = utcnow() + timedelta(seconds=LEASE_SECONDS)
+            state.etag, state.lease_owner, state.lease_expires_at = held.etag, self.owner, format_time(expires)
+            try:
+                self.ctx.state.save_tenant(state)
+            except StaleWrite as exc:
+                raise LeaseLost(str(exc)) from exc
+            assert state.etag is not None
+            held.etag, held.expires_at = state.etag, expires
+        self._confirm(state)
 
     def _keep_lease(self) -> None:
         assert self._lease is not None
@@ -238,7 +331,7 @@ class TenantPull:
         if self.since is None:
             state.slice_lower = state.slice_upper = state.slice_known_through = None
             state.position = None
-        self._save(state)
+        self._persist(state)
         self.summary.cursor_after = state.cursor
         self._pages = None
         self._current = None
@@ -250,7 +343,8 @@ class TenantPull:
         state = self._state
         state.slice_lower, state.slice_upper = self._current.lower, self._current.upper
         state.position = position.to_dict() if position is not None else None
-        self._save(state)
+        if self._lease is not None:  # before the lease nothing was stored: the lease's write records it
+            self._save(state)
 
     def _retry_dead_letters(self) -> None:
         """Retry incidents whose alerts could not be read or whose rows were refused, and failed mirrors, before new
@@ -259,8 +353,16 @@ class TenantPull:
         retried with backoff until the incident is mirrored or gone."""
         store = self.ctx.state
         tid = self.tenant.tenant_id
-        letters = due_letters(store.dead_letters(tid, pending_only=True), ("incident", "ingest", "mirror"),
-                              utcnow())[:DEAD_LETTER_RETRIES_PER_RUN]
+        pending = [d for d in store.dead_letters(tid, pending_only=True) if d.kind in PULL_LETTER_KINDS]
+        letters = due_letters(pending, PULL_LETTER_KINDS, utcnow())[:DEAD_LETTER_RETRIES_PER_RUN]
+        assert self._state is not None
+        if not letters:  # nothing to try: record when the next one is due, so idle runs skip this read until then
+            store.set_letters_due(self._state, min((canonical_time(d.next_attempt_at or d.last_failed_at)
+                                                    for d in pending), default=None))
+        # After attempts the row stays as due as it was (or as a failed attempt made it): the next run reads again.
+        self._state.letters_tracked = True
+        assert self._confirmed is not None
+        self._confirmed.letters_tracked = True
         for letter in letters:
             self.deadline.check(self.deadline.reserve(STEP_RESERVE_SECONDS))
             try:
@@ -290,8 +392,9 @@ class TenantPull:
         store = self.ctx.state
         incidents = [i for i in page if isinstance(i, dict)]
         ids_seen: set[str] = set()
-        versions = store.get_versions(tenant.tenant_id, [str(i.get("id")) for i in incidents
-                                                         if self._may_be_known(i)])
+        versions = self._prefetched if self._prefetched is not None else store.get_versions(
+            tenant.tenant_id, [str(i.get("id")) for i in incidents if self._may_be_known(i)])
+        self._prefetched = None
         self._after_resume = False
         read_at = utcnow()
         rows: dict[str, list[dict[str, Any]]] = {"DefenderIncidents_CL": [], "DefenderAlerts_CL": [],
@@ -363,8 +466,9 @@ class TenantPull:
         return {v.incident_id for v in stored} | ids_seen
 
     def _start_slice(self, current: _Slice) -> None:
-        """Record that a slice is being read before its first page is stored, so a crash inside it is recognised
-        and the next run knows which incidents it may already have seen."""
+        """Record that a slice is being read before its first page is stored (with the lease's write when this run
+        has not taken it yet), so a crash inside it is recognised and the next run knows which incidents it may
+        already have seen."""
         assert self._state is not None
         state = self._state
         self._after_resume = current.resumed
@@ -384,7 +488,8 @@ class TenantPull:
                                   or canonical_time(current.upper) > canonical_time(state.slice_known_through)):
             # A regular slice is paused: what this re-read stores must count as known when it resumes.
             state.slice_known_through = current.upper
-        self._save(state)
+        if self._lease is not None:  # else the lease's write records it, before any page is stored
+            self._save(state)
 
     def _may_be_known(self, incident: dict[str, Any]) -> bool:
         """Whether the state may hold a version of this incident, so it must be looked up.
@@ -421,8 +526,7 @@ class TenantPull:
         """Rows for what is new in this version, or None when this version was already ingested."""
         incident_id = str(incident.get("id"))
         version = canonical_time(str(incident.get("lastUpdateDateTime")))
-        if previous is not None and (previous.last_update > version
-                                     or (previous.last_update == version and not previous.partial)):
+        if _already_ingested(incident, previous):
             return None
         t = self.tenant
         resumed = previous is not None and previous.last_update == version  # a partly stored version
@@ -520,6 +624,27 @@ def _stored_part(alert_id: str, alert_version: str, lost: set[tuple[str, str]], 
     if alert_id not in missing:
         return alert_version if alert_stored else EVIDENCE_ONLY + alert_version
     return f"P{'A' if alert_stored else ''}{','.join(map(str, sorted(missing[alert_id])))}:{alert_version}"
+
+
+def _already_ingested(incident: dict[str, Any], previous: IncidentVersion | None) -> bool:
+    """Whether this version of the incident (or a later one) was stored in full already."""
+    if previous is None:
+        return False
+    try:
+        version = canonical_time(str(incident.get("lastUpdateDateTime")))
+    except ValueError:
+        return False
+    return previous.last_update > version or (previous.last_update == version and not previous.partial)
+
+
+def _held_by_another(state: TenantState, owner: str) -> bool:
+    """Whether the tenant's lease (kept in its state) is held by another owner and not yet expired."""
+    if not state.lease_owner or state.lease_owner == owner or not state.lease_expires_at:
+        return False
+    try:
+        return parse_time(state.lease_expires_at) > utcnow()
+    except ValueError:
+        return False
 
 
 __all__ = ["ApiError", "BudgetExhausted", "IngestError", "LeaseLost", "TenantPull"]

@@ -121,6 +121,8 @@ def _start(ctx: AppContext, tenant: TenantConfig, deadline: Deadline, since: dat
 
 def _rotation(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig]) -> list[TenantConfig]:
     """The tenants in configured order, rotated to start where the last run of this direction stopped."""
+    if len(tenants) < 2:
+        return list(tenants)  # nothing to rotate (a queue message's one tenant): spare the read
     try:
         first = ctx.state.get_marker("rotation", direction).get("next")
     except Exception:  # fairness is best effort: a storage hiccup must not stop the run

@@ -1,9 +1,11 @@
 """Explicit sync state in Azure Table Storage.
 
 Tables:
-- ``syncTenants``: per-tenant cursor, the time slice in progress with its keyset position, and the last run.
+- ``syncTenants``: per-tenant cursor, the time slice in progress with its keyset position, the last run and the
+  pull's lease; beside each tenant's row, a row saying when its earliest pending dead letter is due (so an idle run
+  reads both in one query and skips the dead-letter table).
 - ``syncIncidents``: the last ingested version of each incident and of each of its alerts (dedup).
-- ``syncLeases``: one lease per tenant and direction, taken with ETag optimistic concurrency.
+- ``syncLeases``: leases other than the pull's (reconcile, per incident), taken with ETag optimistic concurrency.
 - ``syncDeadLetters``: what failed permanently or repeatedly, with the error and retry count.
 - ``syncLinks``: Defender ⇄ Sentinel links and the merge base (used by the mirror and push-back).
 
@@ -53,6 +55,10 @@ DEAD_LETTER_MAX_RETRIES = 5
 RETRY_FOREVER = frozenset({"mirror"})
 BACKOFF_BASE_SECONDS = 60.0
 BACKOFF_MAX_SECONDS = 3600.0
+# The dead-letter kinds the pull retries; the due time of the earliest pending one is kept beside the tenant's state.
+PULL_LETTER_KINDS = ("incident", "ingest", "mirror")
+LETTERS_ROW = "~letters"   # RowKey suffix of a tenant's dead-letter due-time row (partition "tenant")
+TENANT_LEASE = "pull"      # the scope of the lease kept in the tenant's state entity
 
 
 class StaleWrite(Exception):
@@ -118,6 +124,11 @@ class TenantState:
     read_through: str | None = None          # upper bound of every window ever read (pages may be stored)
     slice_known_through: str | None = None   # read_through as it was when the slice in progress started
     last_run: dict[str, Any] | None = None
+    lease_owner: str | None = None            # the pull holding the tenant (see StateStore.take_tenant_lease)
+    lease_expires_at: str | None = None
+    letters_tracked: bool = False             # the due-time row is kept for this tenant (older states: query)
+    letters_due_at: str | None = None         # earliest pending pull letter's next attempt; None: none pending
+    letters_etag: str | None = None           # the due-time row as read (None: absent)
     etag: str | None = None
 
 
@@ -139,6 +150,8 @@ class Lease:
     owner: str
     expires_at: datetime
     etag: str
+    in_state: bool = False   # kept in the tenant's state entity (the pull), not in the leases table
+    released: bool = False   # already given back by the holder's last write
 
 
 @dataclass
@@ -193,21 +206,30 @@ class StateStore:
 
     # ----------------------------------------------------------------- tenant progress
     def get_tenant(self, tenant_id: str) -> TenantState:
-        try:
-            e = self.table(TENANTS).get_entity("tenant", _key(tenant_id))
-        except ResourceNotFoundError:
-            return TenantState(tenant_id=tenant_id)
-        return TenantState(
-            tenant_id=tenant_id,
-            cursor=e.get("Cursor") or None,
-            slice_lower=e.get("SliceLower") or None,
-            slice_upper=e.get("SliceUpper") or None,
-            position=_join_json("Position", e, None),
-            read_through=e.get("ReadThrough") or None,
-            slice_known_through=e.get("SliceKnownThrough") or None,
-            last_run=_join_json("LastRun", e, None),
-            etag=e.metadata.get("etag"),
-        )
+        """The tenant's progress, lease and dead-letter due time, in one query (a RowKey range over its two rows)."""
+        rk = _key(tenant_id)
+        rows = {str(e["RowKey"]): e for e in self.table(TENANTS).query_entities(
+            "PartitionKey eq 'tenant' and RowKey ge @rk and RowKey le @hint",
+            parameters={"rk": rk, "hint": rk + LETTERS_ROW})}
+        e, hint = rows.get(rk), rows.get(rk + LETTERS_ROW)
+        state = TenantState(tenant_id=tenant_id)
+        if hint is not None:
+            state.letters_due_at = str(hint.get("DueAt") or "") or None
+            state.letters_etag = hint.metadata.get("etag")
+        if e is None:
+            return state
+        state.cursor = e.get("Cursor") or None
+        state.slice_lower = e.get("SliceLower") or None
+        state.slice_upper = e.get("SliceUpper") or None
+        state.position = _join_json("Position", e, None)
+        state.read_through = e.get("ReadThrough") or None
+        state.slice_known_through = e.get("SliceKnownThrough") or None
+        state.last_run = _join_json("LastRun", e, None)
+        state.lease_owner = e.get("LeaseOwner") or None
+        state.lease_expires_at = e.get("LeaseExpiresAt") or None
+        state.letters_tracked = bool(e.get("LettersTracked", False))
+        state.etag = e.metadata.get("etag")
+        return state
 
     def save_tenant(self, state: TenantState) -> None:
         """Write the tenant's progress (replace: absent fields are cleared) if it is still as read (``If-Match`` on
@@ -217,6 +239,8 @@ class StateStore:
             "PartitionKey": "tenant", "RowKey": _key(state.tenant_id), "TenantId": state.tenant_id,
             "Cursor": state.cursor or "", "SliceLower": state.slice_lower or "", "SliceUpper": state.slice_upper or "",
             "ReadThrough": state.read_through or "", "SliceKnownThrough": state.slice_known_through or "",
+            "LeaseOwner": state.lease_owner or "", "LeaseExpiresAt": state.lease_expires_at or "",
+            "LettersTracked": state.letters_tracked,
         }
         entity.update(_split_json("Position", state.position))
         entity.update(_split_json("LastRun", state.last_run))
@@ -339,6 +363,25 @@ class StateStore:
         return [*rows, {**head, "AlertRows": len(rows), "AlertGen": gen}]
 
     # ----------------------------------------------------------------- leases
+    def take_tenant_lease(self, state: TenantState, owner: str, seconds: float) -> Lease | None:
+        """Take the pull's lease of a tenant, kept in its state entity: one ``If-Match`` write of ``state`` as read
+        (which is also the run's first checkpoint). None when another owner holds an unexpired lease, or when the
+        state was written since it was read (another instance got there first)."""
+        now = utcnow()
+        if (state.lease_owner not in (None, owner) and state.lease_expires_at
+                and parse_time(state.lease_expires_at) > now):
+            return None
+        before = (state.lease_owner, state.lease_expires_at)
+        expires = now + timedelta(seconds=seconds)
+        state.lease_owner, state.lease_expires_at = owner, format_time(expires)
+        try:
+            self.save_tenant(state)
+        except StaleWrite:
+            state.lease_owner, state.lease_expires_at = before
+            return None
+        assert state.etag is not None
+        return Lease(state.tenant_id, TENANT_LEASE, owner, expires, state.etag, in_state=True)
+
     def acquire_lease(self, tenant_id: str, scope: str, owner: str, seconds: float) -> Lease | None:
         """Take the tenant's lease for ``scope`` if it is free or expired; None if another owner holds it."""
         table = self.table(LEASES)
@@ -368,6 +411,8 @@ class StateStore:
     def renew_lease(self, lease: Lease, seconds: float) -> bool:
         """Extend a held lease; False when it was lost (expired and taken by another owner)."""
         expires = utcnow() + timedelta(seconds=seconds)
+        if lease.in_state:
+            return self._merge_tenant_lease(lease, lease.owner, expires)
         entity = {"PartitionKey": "lease", "RowKey": _key(f"{lease.scope}|{lease.tenant_id}"), "Owner": lease.owner,
                   "ExpiresAt": format_time(expires)}
         try:
@@ -381,11 +426,31 @@ class StateStore:
 
     def release_lease(self, lease: Lease) -> None:
         """Give the lease back at once (only if we still hold it)."""
+        if lease.in_state:
+            if not lease.released:
+                self._merge_tenant_lease(lease, None, None)
+            return
         try:
             self.table(LEASES).delete_entity("lease", _key(f"{lease.scope}|{lease.tenant_id}"), etag=lease.etag,
                                              match_condition=MatchConditions.IfNotModified)
         except (ResourceModifiedError, ResourceNotFoundError):
             pass
+
+    def _merge_tenant_lease(self, lease: Lease, owner: str | None, expires: datetime | None) -> bool:
+        """Set (or clear) the lease fields of the tenant's state entity if it is as the holder last wrote it."""
+        entity = {"PartitionKey": "tenant", "RowKey": _key(lease.tenant_id), "LeaseOwner": owner or "",
+                  "LeaseExpiresAt": format_time(expires) if expires else ""}
+        try:
+            meta = self.table(TENANTS).update_entity(entity, mode=UpdateMode.MERGE, etag=lease.etag,
+                                                     match_condition=MatchConditions.IfNotModified)
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return False
+        lease.etag = str(meta["etag"])
+        if expires is None:
+            lease.released = True
+        else:
+            lease.expires_at = expires
+        return True
 
     # ----------------------------------------------------------------- dead letters
     def dead_letter(self, tenant_id: str, kind: str, key: str, error: str, *, version: str | None = None,
@@ -417,7 +482,60 @@ class StateStore:
             "RetryCount": retries, "FirstFailedAt": first, "LastFailedAt": now, "Version": version or "",
             "GivenUp": letter.given_up, "NextAttemptAt": letter.next_attempt_at,
         }, mode=UpdateMode.REPLACE)
+        if kind in PULL_LETTER_KINDS and not letter.given_up:
+            self._letters_due_by(tenant_id, letter.next_attempt_at or now)
         return letter
+
+    def _letters_due_by(self, tenant_id: str, due_at: str) -> None:
+        """Make the tenant's due-time row say at the latest ``due_at`` (so the pull's next run looks at its letters
+        in time); conditional writes, so two writers never raise it past either one's letter."""
+        table = self.table(TENANTS)
+        rk = _key(tenant_id) + LETTERS_ROW
+        for _ in range(5):
+            try:
+                e = table.get_entity("tenant", rk)
+            except ResourceNotFoundError:
+                e = None
+            current = str(e.get("DueAt") or "") if e is not None else ""
+            if current and parse_time(current) <= parse_time(due_at):
+                return
+            entity = {"PartitionKey": "tenant", "RowKey": rk, "DueAt": due_at}
+            try:
+                if e is None:
+                    table.create_entity(entity)
+                else:
+                    table.update_entity(entity, mode=UpdateMode.REPLACE, etag=e.metadata["etag"],
+                                        match_condition=MatchConditions.IfNotModified)
+                return
+            except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                continue  # another writer moved it: look again
+        log.warning("could not record when a dead letter is due; the pull looks at its letters every run until a "
+                    "run records it", extra={"tenantId": tenant_id, "action": "state-write", "outcome": "retry"})
+        try:  # a row the pull cannot read as a time makes it query its letters (see ``letters_due``)
+            table.upsert_entity({"PartitionKey": "tenant", "RowKey": rk, "DueAt": "1970-01-01T00:00:00Z"},
+                                mode=UpdateMode.REPLACE)
+        except Exception:
+            log.warning("could not mark the dead letters due", exc_info=True, extra={"tenantId": tenant_id})
+
+    def set_letters_due(self, state: TenantState, due_at: str | None) -> None:
+        """After the pull read every pending letter: record when the earliest is due (None: none pending), unless
+        a letter was written since ``state`` was read (then the row stays as that writer left it, early enough)."""
+        table = self.table(TENANTS)
+        rk = _key(state.tenant_id) + LETTERS_ROW
+        try:
+            if due_at is None:
+                if state.letters_etag is not None:
+                    table.delete_entity("tenant", rk, etag=state.letters_etag,
+                                        match_condition=MatchConditions.IfNotModified)
+            elif state.letters_etag is None:
+                table.create_entity({"PartitionKey": "tenant", "RowKey": rk, "DueAt": due_at})
+            else:
+                table.update_entity({"PartitionKey": "tenant", "RowKey": rk, "DueAt": due_at},
+                                    mode=UpdateMode.REPLACE, etag=state.letters_etag,
+                                    match_condition=MatchConditions.IfNotModified)
+        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+            return
+        state.letters_due_at = due_at
 
     def dead_letters(self, tenant_id: str, *, pending_only: bool = False) -> Iterator[DeadLetter]:
         query = "PartitionKey eq @pk" + (" and GivenUp eq false" if pending_only else "")

@@ -1,0 +1,98 @@
+"""A one-minute schedule is affordable: an idle tenant costs one Graph request and at most two Table Storage
+operations per run, a first run over the look-back spends one request (not one per day), and the lease kept in the
+tenant's state still lets only one instance work a tenant."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import apply_settings
+from harness import run_timer
+from requests.adapters import HTTPAdapter
+
+from sync.budget import Deadline
+from sync.context import get_context
+from sync.pull import TenantPull
+
+
+@pytest.fixture
+def table_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+    """Table Storage requests the app sends, by HTTP method (the table endpoint's host:port)."""
+    calls: Counter[str] = Counter()
+    original = HTTPAdapter.send
+
+    def send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if urlsplit(str(request.url)).path.startswith("/devstoreaccount1/sync"):  # the state tables
+            calls[str(request.method)] += 1
+        return original(adapter, request, *args, **kwargs)
+
+    monkeypatch.setattr(HTTPAdapter, "send", send)
+    yield calls
+
+
+def graph_lists(emulators: Any) -> int:
+    return len([e for e in emulators.log.entries(service="graph") if e.path.rstrip("/").endswith("security/incidents")])
+
+
+def test_an_idle_run_costs_one_graph_request_and_two_table_operations(
+        emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch, table_calls: Counter[str]) -> None:
+    world = emulators.world
+    tenant = world.add_tenant(name="Quiet")
+    world.generate(5, tenant, 8)
+    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_OVERLAP_SECONDS="0"))
+    lists0 = graph_lists(emulators)
+    run_timer("defender_pull")
+    assert len(world.rows("DefenderIncidents_CL")) == 8
+    assert graph_lists(emulators) - lists0 == 1, "a first run over the 7-day look-back reads 8 incidents at once"
+    for _ in range(2):
+        lists0 = graph_lists(emulators)
+        table_calls.clear()
+        run_timer("defender_pull")
+        assert graph_lists(emulators) - lists0 == 1
+        assert sum(table_calls.values()) <= 2, f"an idle run's Table operations: {dict(table_calls)}"
+    status = get_context().state.get_tenant(tenant)
+    assert status.last_run and status.last_run["outcome"] == "success" and status.lease_owner is None
+
+
+def test_the_lease_in_the_tenant_state_keeps_a_second_instance_out(
+        emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenant = world.add_tenant(name="Busy")
+    world.generate(6, tenant, 30)
+    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="10"))
+    ctx = get_context()
+    ctx.state.ensure_tables()
+    config = ctx.settings.tenants[0]
+    first, late = (TenantPull(ctx, config, deadline=Deadline(120)) for _ in range(2))
+    assert first.start() and late.start(), "both read the state before either took the lease"
+    assert first.step() and first.step(), "the first takes the lease with its first page of incidents"
+    assert ctx.state.get_tenant(tenant).lease_owner == first.owner
+    assert not late.step(), "the state changed since it read it: it does not ingest"
+    assert late.finish("success").outcome == "skipped"
+    third = TenantPull(ctx, config, deadline=Deadline(120))
+    assert not third.start() and third.summary.outcome == "skipped", "a held lease keeps new runs out"
+    while first.step():
+        pass
+    assert first.finish("success").outcome == "success"
+    assert ctx.state.get_tenant(tenant).lease_owner is None, "the last write gave the lease back"
+    assert len(world.rows("DefenderIncidents_CL")) == 30, "every incident once"
+
+
+def test_a_dead_letter_marks_its_tenant_due_and_an_idle_run_skips_the_letters(
+        emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    tenant = emulators.world.add_tenant(name="Letters")
+    apply_settings(monkeypatch, make_app_settings([tenant]))
+    run_timer("defender_pull")
+    store = get_context().state
+    state = store.get_tenant(tenant)
+    assert state.letters_tracked and state.letters_due_at is None, "no letter pending: idle runs skip the query"
+    store.dead_letter(tenant, "incident", "42", "alerts could not be read")
+    assert store.get_tenant(tenant).letters_due_at is not None, "the next run looks at its letters"
+    run_timer("defender_pull")
+    assert not list(store.dead_letters(tenant)), "retried: the incident is gone, so the letter is resolved"
+    run_timer("defender_pull")
+    assert store.get_tenant(tenant).letters_due_at is None, "none pending any more: idle runs skip the query again"
