@@ -283,3 +283,30 @@ def test_rule_incidents_naming_nothing_the_app_requested_are_left_alone(portal: 
         assert get_context().state.find_link_by_sentinel_name(name) is None, "and never linked"
     assert len(left_alone) == 29, "each is reported once, not on every run"
     assert portal.sentinel.get(ours)["properties"]["title"] == "Incident 31 on WS-01"
+
+
+def test_a_disabled_rule_holds_the_requests_and_is_reported_not_retried_in_a_loop(portal: Portal) -> None:
+    a = portal.tenants[0]
+    portal.incident(a, "41")
+    portal.incident(a, "42")
+    portal.world.portal.set_rule_enabled(RULE_ID, False)
+    portal.configure()
+    rule_reads = len([r for r in portal.hub.log.entries() if "/alertRules/" in r.path])
+    for _ in range(3):
+        status, body = http("sync_run", body={})
+        assert status == 200 and body["mirrorRequests"]["sent"] == 0 and body["mirrorRequests"]["rule"] == "disabled"
+    assert portal.request_rows() == [], "no row is sent that no rule would turn into an incident"
+    assert len([r for r in portal.hub.log.entries() if "/alertRules/" in r.path]) - rule_reads == 1, \
+        "the rule is read once per five minutes, not on every run"
+    _status, health = http("sync_status", "GET")
+    assert health["mirrorRule"]["state"] == "disabled" and health["healthy"] is False
+    assert {t["tenantId"]: t["mirrorRequestsWaiting"] for t in health["tenants"]}[a] == 2
+    portal.world.portal.set_rule_enabled(RULE_ID, True)
+    portal.clock.sleep(301)                                  # the next look at the rule
+    _status, body = http("sync_run", body={})
+    assert body["mirrorRequests"]["sent"] == 2 and body["mirrorRequests"]["rule"] == "ok"
+    portal.minute()
+    run_timer("defender_pull")
+    assert portal.linked(a, "41") and portal.linked(a, "42")
+    _status, health = http("sync_status", "GET")
+    assert health["mirrorRule"]["state"] == "ok" and health["tenants"][0]["mirrorsWaiting"] == 0

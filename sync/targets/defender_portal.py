@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -228,7 +227,7 @@ class PortalMirrorPhase:
         self.dispatcher = dispatcher
         self.state = state
         self.owner = owner
-        self._rule_checked_at = -RULE_CHECK_SECONDS
+        self._rule_checked_at: float | None = None
         self._rule_state = "unknown"
 
     def run(self, deadline: Deadline, *, wait: bool) -> RequestSummary:
@@ -270,11 +269,11 @@ class PortalMirrorPhase:
             summary.problems.append(f"mirror rule {self.target.rule_id} is {summary.rule}: requests wait (no row "
                                     "is sent that no rule would turn into an incident)")
             return
-        last_link = [time.monotonic()]
+        last_link = [self._now()]
 
         def between() -> None:
-            if time.monotonic() - last_link[0] >= LINK_EVERY_SECONDS:
-                last_link[0] = time.monotonic()
+            if self._now() - last_link[0] >= LINK_EVERY_SECONDS:
+                last_link[0] = self._now()
                 self._link(list(self.target.requests.all()), deadline, summary)
 
         self.dispatcher.dispatch(requests, deadline, wait=wait, between=between, summary=summary)
@@ -288,9 +287,12 @@ class PortalMirrorPhase:
         except ApiError as exc:
             summary.problems.append(f"linking failed: {describe_error(exc)}")
 
+    def _now(self) -> float:
+        return self.target.clock().timestamp()
+
     def _check_rule(self, deadline: Deadline) -> str:
         """``ok``, ``missing`` or ``disabled``, read at most every five minutes (never in a tight loop)."""
-        if time.monotonic() - self._rule_checked_at < RULE_CHECK_SECONDS:
+        if self._rule_checked_at is not None and self._now() - self._rule_checked_at < RULE_CHECK_SECONDS:
             return self._rule_state
         rule = self.target.client.get_alert_rule(self.target.rule_id, deadline=deadline)
         if rule is None:
@@ -299,7 +301,7 @@ class PortalMirrorPhase:
             state = "disabled"
         else:
             state = "ok"
-        self._rule_checked_at, self._rule_state = time.monotonic(), state
+        self._rule_checked_at, self._rule_state = self._now(), state
         try:
             self.state.set_marker("mirror-rule", "app", {"state": state, "checkedAt": format_time(
                 self.target.clock())})
