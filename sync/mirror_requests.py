@@ -302,21 +302,32 @@ class RequestDispatcher:
         rows = [request_row(r, now) for r in intended]
         try:
             self.upload(rows)
-        except Exception as exc:  # the rows wait for a later pass; the budget they took stays spent
+        except Exception as exc:  # the budget the rows took stays spent either way
+            refused = definitely_refused(exc)
             result.failed += len(intended)
             result.problems.append(f"mirror request upload failed: {describe_error(exc)}")
-            log.warning("mirror request upload failed; the requests wait", extra={
-                "action": "mirror-request", "outcome": "upload-failed", "rows": len(intended),
+            log.warning("mirror request upload failed", extra={
+                "action": "mirror-request", "outcome": "refused" if refused else "unknown", "rows": len(intended),
                 "error": describe_error(exc)})
-            for r in intended:
-                r.state, r.sent_at = WAITING, None
-                self.store.save(r)
+            if refused:  # not stored: the requests wait for a later pass
+                for r in intended:
+                    r.state, r.sent_at = WAITING, None
+                    self.store.save(r)
+            # Otherwise the service may have stored them (a timeout, a dropped answer): they stay sent, and the
+            # 30-minute re-request covers a row that was really lost, without risking a second incident now.
             return
         result.sent += len(intended)
         for r in intended:
             log.info("mirror requested", extra={"tenantId": r.tenant_id, "incidentId": r.incident_id,
                                                 "action": "mirror-request", "outcome": "sent",
                                                 "requestId": r.request_id, "attempt": r.attempts})
+
+
+def definitely_refused(exc: BaseException) -> bool:
+    """Whether an upload failure means the rows were not stored: an HTTP answer refusing them (4xx, throttling
+    included). Anything else (a timeout, a dropped connection, a 5xx) may have stored them."""
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500
 
 
 def request_row(request: MirrorRequest, now: datetime) -> dict[str, Any]:

@@ -151,16 +151,40 @@ def test_without_waiting_only_what_fits_now_is_sent(service: TableServiceClient)
     assert sum(1 for r in store.all() if r.state == WAITING) == 20
 
 
-def test_a_failed_upload_leaves_the_requests_waiting_and_counts_the_rows(service: TableServiceClient) -> None:
+class Refused(Exception):
+    status_code = 400
+
+
+def test_a_refused_upload_leaves_the_requests_waiting_and_counts_the_rows(service: TableServiceClient) -> None:
     clock = Clock()
     uploads: list[tuple[float, list[dict[str, Any]]]] = []
-    send, store = dispatcher(service, clock, uploads, per_minute=5, fail=True)
+    send, store = dispatcher(service, clock, uploads, per_minute=5)
+
+    def refuse(rows: list[dict[str, Any]]) -> None:
+        uploads.append((clock(), rows))
+        raise Refused("400 InvalidStream")
+
+    send.upload = refuse
     for i in range(3):
         store.record(req(f"i{i}"))
     result = send.dispatch(list(store.all()), Deadline(10**6, clock=clock), wait=False)
     assert result.failed == 3 and result.sent == 0
     assert all(r.state == WAITING for r in store.all())
     assert send.budget.used() == 3, "rows handed to the API count against the pace even when the call failed"
+
+
+def test_an_upload_that_may_have_landed_is_not_sent_again_at_once(service: TableServiceClient) -> None:
+    """A dropped connection or a timeout may come after the service stored the rows: sending them again now could
+    make a second incident, so they stay sent and only the 30-minute re-request sends them again."""
+    clock = Clock()
+    uploads: list[tuple[float, list[dict[str, Any]]]] = []
+    send, store = dispatcher(service, clock, uploads, per_minute=5, fail=True)
+    for i in range(3):
+        store.record(req(f"i{i}"))
+    result = send.dispatch(list(store.all()), Deadline(10**6, clock=clock), wait=False)
+    assert result.failed == 3 and all(r.state == SENT for r in store.all())
+    again = send.dispatch(list(store.all()), Deadline(10**6, clock=clock), wait=False)
+    assert again.sent == 0 and len(uploads) == 1
 
 
 def test_a_crash_after_the_intent_does_not_resend_before_thirty_minutes(service: TableServiceClient) -> None:

@@ -310,3 +310,22 @@ def test_a_disabled_rule_holds_the_requests_and_is_reported_not_retried_in_a_loo
     assert portal.linked(a, "41") and portal.linked(a, "42")
     _status, health = http("sync_status", "GET")
     assert health["mirrorRule"]["state"] == "ok" and health["tenants"][0]["mirrorsWaiting"] == 0
+
+
+def test_an_analysts_closure_before_the_link_reaches_defender(portal: Portal) -> None:
+    """The mirror is in the Defender portal's queue from the rule's run on; an analyst may take and close it before
+    the app's next run links it. That closure is a Sentinel change, never overwritten by the first sync."""
+    a = portal.tenants[0]
+    portal.incident(a, "51")
+    portal.configure()
+    run_timer("defender_pull")
+    portal.minute()
+    (pair,) = portal.mirrors().values()
+    portal.sentinel.analyst_update(pair[0]["name"], status="Closed", classification="TruePositive",
+                                   classificationReason="SuspiciousActivity", owner="lead@mssp.example")
+    run_timer("defender_pull")
+    mirror = portal.linked(a, "51")["properties"]
+    assert (mirror["status"], mirror["classification"]) == ("Closed", "TruePositive")
+    defender = portal.world.get_incident(a, "51")
+    assert (defender["status"], defender["classification"]) == ("resolved", "truePositive")
+    assert (defender.get("assignedTo") or "").lower() == "lead@mssp.example"

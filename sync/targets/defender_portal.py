@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..budget import BudgetExhausted, Deadline
 from ..http import ApiError, describe_error
+from ..leases import LeaseKeeper, lease
 from ..mapping import DUPLICATE_LABEL, comment_guid, cut_text
 from ..mirror_requests import (
     LINKED,
@@ -41,8 +42,12 @@ from .sentinel_api import SentinelTarget
 log = logging.getLogger(__name__)
 
 REQUEST_DESCRIPTION_CHARS = 4_000   # the request row's description; the full one is written once linked
+# What the mirror rule's incident holds when it is created: the first sync merges against it.
+RULE_CREATED_BASE: dict[str, Any] = {"status": "active", "owner": None, "classification": None,
+                                     "determination": None, "tags": []}
 RULE_CHECK_SECONDS = 300.0
 LINK_EVERY_SECONDS = 60.0
+PHASE_LEASE_SECONDS = 60.0
 
 
 def rule_name(resource_id: object) -> str:
@@ -128,8 +133,10 @@ class MirrorLinker:
                 name = str(incident.get("name"))
                 if name.lower() in self._settled or not self.target.is_own(incident):
                     continue
-                if self.state.find_link_by_sentinel_name(name) is not None:
+                found = self.state.find_link_by_sentinel_name(name)
+                if found is not None:
                     self._settled.add(name.lower())
+                    self._mark_linked(found[0], found[1], name)
                     continue
                 if self.state.get_marker("mirror-rule-incident", name.lower()):
                     self._settled.add(name.lower())
@@ -139,6 +146,8 @@ class MirrorLinker:
     def _link_one(self, incident: dict[str, Any], deadline: Deadline, result: RequestSummary) -> None:
         name = str(incident.get("name"))
         alerts = self.client.list_incident_alerts(name, deadline=deadline)
+        if not alerts:
+            return  # its alert is not readable yet: looked at again on the next pass, never given up on
         sources = {s for s in (alert_link_source((a.get("properties") or {}).get("alertLink")) for a in alerts) if s}
         tenant = self.tenants(next(iter(sources))[0]) if len(sources) == 1 else None
         if tenant is None:
@@ -153,15 +162,14 @@ class MirrorLinker:
             self._close_duplicate(incident, existing, tenant, incident_id, deadline)
             result.duplicates += 1
             return
-        link = {"sentinelName": name, "state": "active", "base": None, "origin": "mirror-rule",
+        # The base is what the rule created (New, no owner, no tags): an analyst's edit made before the link is a
+        # Sentinel change and merges as one; a base of None would let Defender overwrite it.
+        link = {"sentinelName": name, "state": "active", "base": RULE_CREATED_BASE, "origin": "mirror-rule",
                 "createdTimeUtc": (incident.get("properties") or {}).get("createdTimeUtc")}
         if not self.state.save_link(tenant.tenant_id, incident_id, link, etag=None):
             return  # another instance linked it meanwhile; the next pass sees the result
         self._settled.add(name.lower())
-        request = self.target.requests.get(tenant.tenant_id, incident_id)
-        if request is not None:
-            request.state, request.linked_at, request.sentinel_name = LINKED, format_time(self.target.clock()), name
-            self.target.requests.save(request)
+        self._mark_linked(tenant.tenant_id, incident_id, name)
         result.linked += 1
         log.info("mirror linked", extra={"tenantId": tenant.tenant_id, "incidentId": incident_id,
                                          "action": "mirror-link", "outcome": "linked", "sentinelIncident": name})
@@ -173,6 +181,13 @@ class MirrorLinker:
             log.warning("linked mirror could not be synced yet", extra={
                 "tenantId": tenant.tenant_id, "incidentId": incident_id, "action": "mirror-link",
                 "outcome": "sync-failed", "error": describe_error(exc)})
+
+    def _mark_linked(self, tenant_id: str, incident_id: str, name: str) -> None:
+        """The request of a linked incident is done (never re-requested); a lost ETag race is retried next pass."""
+        request = self.target.requests.get(tenant_id, incident_id)
+        if request is not None and request.state != LINKED:
+            request.state, request.linked_at, request.sentinel_name = LINKED, format_time(self.target.clock()), name
+            self.target.requests.save(request)
 
     def _leave_alone(self, name: str, reason: str, result: RequestSummary) -> None:
         result.left_alone += 1
@@ -232,29 +247,32 @@ class PortalMirrorPhase:
 
     def run(self, deadline: Deadline, *, wait: bool) -> RequestSummary:
         summary = RequestSummary()
-        lease = self.state.acquire_lease("~app", "mirror-requests", self.owner, 60.0)
-        if lease is None:
-            summary.problems.append("another instance is sending mirror requests")
-            return summary
-        try:
-            self._run(deadline, wait, summary)
-        except BudgetExhausted:
-            pass
-        except Exception as exc:
-            summary.problems.append(describe_error(exc))
-            log.warning("mirror request phase failed", exc_info=True, extra={"action": "mirror-request",
-                                                                            "outcome": "error"})
-        finally:
-            self.state.release_lease(lease)
+        # One instance at a time, for as long as it paces (renewed in the background, released at the end).
+        with lease(self.state, "~app", "mirror-requests", self.owner, PHASE_LEASE_SECONDS) as keeper:
+            if keeper is None:
+                summary.problems.append("another instance is sending mirror requests")
+                return summary
+            try:
+                self._run(deadline, wait, summary, keeper)
+            except BudgetExhausted:
+                pass
+            except Exception as exc:  # reported with the run; the next run starts the phase again
+                summary.problems.append(describe_error(exc))
+                log.warning("mirror request phase failed", exc_info=True, extra={"action": "mirror-request",
+                                                                                "outcome": "error"})
         return summary
 
-    def _run(self, deadline: Deadline, wait: bool, summary: RequestSummary) -> None:
+    def _run(self, deadline: Deadline, wait: bool, summary: RequestSummary, keeper: LeaseKeeper) -> None:
         # Link first: an incident the rule made is found before its request is judged lost.
-        self._link(list(self.target.requests.all()), deadline, summary)
+        linked_ok = self._link(list(self.target.requests.all()), deadline, summary)
         now = self.target.clock()
         requests = list(self.target.requests.all())
         for r in requests:
-            if due_for_rerequest(r, now):
+            if due_for_rerequest(r, now) and linked_ok:
+                link = self.state.get_link(r.tenant_id, r.incident_id)
+                if link is not None and link.get("state") == "active" and link.get("sentinelName"):
+                    self.linker._mark_linked(r.tenant_id, r.incident_id, str(link["sentinelName"]))
+                    continue
                 r.state = WAITING
                 if self.target.requests.save(r):
                     summary.rerequested += 1
@@ -272,20 +290,24 @@ class PortalMirrorPhase:
         last_link = [self._now()]
 
         def between() -> None:
+            keeper.check()  # the phase's lease was lost: stop sending
             if self._now() - last_link[0] >= LINK_EVERY_SECONDS:
                 last_link[0] = self._now()
                 self._link(list(self.target.requests.all()), deadline, summary)
 
         self.dispatcher.dispatch(requests, deadline, wait=wait, between=between, summary=summary)
 
-    def _link(self, requests: list[MirrorRequest], deadline: Deadline, summary: RequestSummary) -> None:
+    def _link(self, requests: list[MirrorRequest], deadline: Deadline, summary: RequestSummary) -> bool:
+        """Link what the rule made; False when the listing failed (then no request is judged lost this pass)."""
         since = link_window_start(requests, self.target.clock())
         if since is None:
-            return  # nothing requested in the last hour: nothing to link, no listing
+            return True  # nothing requested in the last hour: nothing to link, no listing
         try:
             self.linker.link(since, deadline, summary)
         except ApiError as exc:
             summary.problems.append(f"linking failed: {describe_error(exc)}")
+            return False
+        return True
 
     def _now(self) -> float:
         return self.target.clock().timestamp()
