@@ -202,6 +202,7 @@ class TenantPull:
     def _needs_writes(self, incidents: list[dict[str, Any]]) -> bool:
         """Whether a page holds anything to store or mirror (then the lease is needed); the versions read to tell
         are kept for :meth:`_process`. A page of incidents re-read in the overlap costs their look-ups only."""
+        self._prefetched = None  # never another page's versions
         if not incidents:
             return False
         if self.hook is not None and self.tenant.mirrors and any(passes_filters(self.tenant, i) for i in incidents):
@@ -256,6 +257,7 @@ class TenantPull:
                     self.ctx.state.save_tenant(final)
                 except StaleWrite as exc:
                     raise LeaseLost(str(exc)) from exc
+                self._lease.lease.etag = final.etag  # a renewal racing the release must not read as a lost lease
                 self._lease.lease.released = True
         self.summary.cursor_after = final.cursor
 

@@ -96,3 +96,30 @@ def test_a_dead_letter_marks_its_tenant_due_and_an_idle_run_skips_the_letters(
     assert not list(store.dead_letters(tenant)), "retried: the incident is gone, so the letter is resolved"
     run_timer("defender_pull")
     assert store.get_tenant(tenant).letters_due_at is None, "none pending any more: idle runs skip the query again"
+
+
+def test_a_page_never_uses_the_versions_read_for_the_page_before() -> None:
+    """Page 1 held only known versions (their look-up kept for it); page 2 needs writes for another reason (an
+    incident whose alerts could not be read) before any look-up: it must not reuse page 1's versions, or its
+    incidents would look new and their rows would be ingested twice."""
+    from types import SimpleNamespace
+
+    from sync.pull import TenantPull
+    from sync.state import IncidentVersion
+
+    stamp = "2025-01-01T00:00:00.0000000Z"
+    known = {i: IncidentVersion(i, stamp) for i in ("1", "2", "3")}
+    store = SimpleNamespace(get_versions=lambda _tid, ids: {i: known[i] for i in ids if i in known})
+    pull = TenantPull.__new__(TenantPull)
+    pull.ctx = SimpleNamespace(state=store)  # type: ignore[assignment]
+    pull.tenant = SimpleNamespace(tenant_id="t", mirrors=False)  # type: ignore[assignment]
+    pull.hook = None
+    pull._prefetched = None
+    pull._may_be_known = lambda _incident: True  # type: ignore[method-assign]
+
+    def incident(i: str) -> dict[str, str]:
+        return {"id": i, "lastUpdateDateTime": stamp, "createdDateTime": "2024-12-01T00:00:00Z"}
+
+    assert pull._needs_writes([incident("1")]) is False
+    assert pull._needs_writes([incident("2"), {**incident("3"), "_alertsError": "boom"}]) is True
+    assert pull._prefetched is None, "page 2 would have been processed with page 1's versions"
