@@ -236,6 +236,15 @@ class IncidentSyncer:
                 "tenantId": tid, "incidentId": incident_id, "action": "link", "outcome": "repaired"})
         outcome.sentinel_name = name
         if link is None:
+            if self.target.is_own_mirror(tid, incident_id, deadline=deadline, defender=defender):
+                # The workspace's own tenant is synced too, and this Defender incident is one of the app's mirrors.
+                if state.note_once("own-mirrors", tid):
+                    log.warning("this tenant's Defender incidents include the app's own mirrors (the workspace's own "
+                                "tenant is synced); those are never mirrored again", extra={
+                                    "tenantId": tid, "action": "mirror", "outcome": "own-mirror"})
+                outcome.result, outcome.reason = "ignored", "the app's own mirror (made by the mirror rule)"
+                outcome.sentinel_name = None
+                return outcome
             builtin = self.target.find_builtin(tid, incident_id, deadline=deadline, defender=defender)
             if builtin is not None:
                 if state.note_once("builtin-connector", tid):

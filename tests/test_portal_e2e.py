@@ -329,3 +329,38 @@ def test_an_analysts_closure_before_the_link_reaches_defender(portal: Portal) ->
     defender = portal.world.get_incident(a, "51")
     assert (defender["status"], defender["classification"]) == ("resolved", "truePositive")
     assert (defender.get("assignedTo") or "").lower() == "lead@mssp.example"
+
+
+def test_with_the_workspaces_own_tenant_synced_a_mirror_is_never_mirrored_again(
+        emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a unified-portal workspace every mirror the rule makes is also a Defender incident of the workspace's own
+    tenant (its ``providerIncidentId``, a link without ``tid``). An MSSP that syncs its own tenant too must not get a
+    mirror of that mirror, then of that one, without end."""
+    portal = Portal(emulators, make_app_settings, monkeypatch)
+    home = emulators.world.home_tenant_id
+    a = portal.tenants[0]
+    portal.tenants.append(home)
+    portal.incident(a, "61")
+    spec = {t: {"name": n} for t, n in zip(portal.tenants, [*TENANT_NAMES, "MSSP"], strict=True)}
+    settings = make_app_settings(portal.tenants, SYNC_TENANTS=json.dumps(spec), SYNC_MIRROR_TARGET="defender-portal",
+                                 SYNC_MIRROR_RULE_ID=RULE_ID, SYNC_TIME_BUDGET_SECONDS="30")
+    apply_settings(monkeypatch, settings)
+    ctx = get_context()
+    ctx.clock, ctx.sleep = portal.clock, portal.clock.sleep
+    run_timer("defender_pull")
+    portal.minute()
+    run_timer("defender_pull")
+    mirror = portal.linked(a, "61")
+    # The unified portal shows the mirror as the home tenant's Defender incident with the mirror's number.
+    number = str(mirror["properties"]["providerIncidentId"])
+    seen = (utcnow() - timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # the rule's clock ran ahead
+    portal.incident(home, number, displayName=mirror["properties"]["title"], createdDateTime=seen,
+                    lastUpdateDateTime=seen)
+    rows = len(portal.request_rows())
+    _status, body = http("sync_run", body={})
+    assert len(portal.request_rows()) == rows, "no request for the home tenant's copy of a mirror"
+    assert body["mirrorRequests"]["sent"] == 0
+    assert [t["incidents"] for t in body["tenants"] if t["tenantId"] == home] == [1], "the home tenant was read"
+    portal.minute()
+    run_timer("defender_pull")
+    assert len(portal.mirrors()) == 1 and len(portal.sentinel.all_incidents()) == 1

@@ -54,6 +54,11 @@ class MirrorTarget(Protocol):
     def write(self, name: str, mutate: Mutate, *, deadline: Deadline,
               current: dict[str, Any] | None = UNREAD) -> dict[str, Any] | None: ...
 
+    def is_own_mirror(self, tenant_id: str, incident_id: str, *, deadline: Deadline,
+                      defender: dict[str, Any] | None = None) -> bool:
+        """Whether the Defender incident is itself one of the app's mirrors (never mirrored again)."""
+        ...
+
     def find_builtin(self, tenant_id: str, incident_id: str, *, deadline: Deadline,
                      defender: dict[str, Any] | None = None) -> dict[str, Any] | None: ...
 

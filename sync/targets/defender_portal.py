@@ -89,6 +89,14 @@ class DefenderPortalTarget(SentinelTarget):
     def excluded_from_builtin(self, resource: dict[str, Any]) -> bool:
         return self.is_own(resource)
 
+    def is_own_mirror(self, tenant_id: str, incident_id: str, *, deadline: Deadline,
+                      defender: dict[str, Any] | None = None) -> bool:
+        """In a unified-portal workspace every mirror the rule makes is also a Defender incident of the workspace's
+        own tenant. When that tenant is synced too, such an incident must never be mirrored (a mirror of a mirror,
+        then of that one, without end)."""
+        return any(self.is_own(i) for i in self.provider_matches(tenant_id, incident_id, deadline=deadline,
+                                                                  defender=defender))
+
     def request_mirror(self, tenant: TenantConfig, defender: dict[str, Any]) -> bool:
         """Record that this Defender incident waits for a mirror (refreshing the order fields and row of a waiting
         request with the latest version). Always True: the mirror rule makes the mirror, never the API."""

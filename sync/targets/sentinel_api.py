@@ -26,6 +26,9 @@ BUILTIN_PROVIDERS = frozenset({"microsoft xdr", "microsoft 365 defender", "micro
 INDEX_REFRESH_SECONDS = 60.0          # a listing this old is topped up (incidents created since) before it answers
 INDEX_MARGIN = timedelta(hours=1)     # clock skew between Defender's createdDateTime and Sentinel's createdTimeUtc
 INDEX_EXTEND = timedelta(days=1)      # reaching further back extends by at least this (pages come newest first)
+# The index reaches back at most this far: an older Defender incident (updated long after its creation) is answered
+# by a filtered listing instead, so one old incident never lists the whole workspace history.
+INDEX_HORIZON = timedelta(days=8)
 
 
 class WorkspaceIndex:
@@ -51,6 +54,10 @@ class WorkspaceIndex:
         self.listings = 0
         self._lock = threading.Lock()
 
+    def covers(self, created: datetime) -> bool:
+        """Whether a Defender incident created then is within the index's horizon."""
+        return created >= utcnow() - INDEX_HORIZON
+
     def ensure(self, since: datetime, *, deadline: Deadline) -> None:
         """Make the index cover every incident created at or after ``since`` and be no older than the refresh."""
         with self._lock:
@@ -74,12 +81,18 @@ class WorkspaceIndex:
         self._refreshed = begun
 
     def add(self, incident: dict[str, Any]) -> None:
-        """Record an incident (listed, or created by this process)."""
+        """Record an incident (listed, or created by this process): its name, and for a Defender provider the few
+        properties the checks read (not the whole incident: a unified-portal workspace's every incident has one)."""
         name = str(incident.get("name", "")).lower()
         self.names.add(name)
         props = incident.get("properties") or {}
         if str(props.get("providerName", "")).lower() in BUILTIN_PROVIDERS:
-            self.by_source.setdefault(str(props.get("providerIncidentId", "")), {})[name] = incident
+            compact = {"name": incident.get("name"), "properties": {
+                "providerName": props.get("providerName"), "providerIncidentId": props.get("providerIncidentId"),
+                "relatedAnalyticRuleIds": props.get("relatedAnalyticRuleIds"),
+                "additionalData": {"providerIncidentUrl": (props.get("additionalData") or {}).get(
+                    "providerIncidentUrl")}}}
+            self.by_source.setdefault(str(props.get("providerIncidentId", "")), {})[name] = compact
 
     def exists(self, name: str) -> bool:
         return name.lower() in self.names
@@ -147,7 +160,7 @@ class SentinelTarget:
         """Whether the mirror ``name`` of this Defender incident may already exist (then it is read before it is
         written); False only when the run's workspace listing, which covers the incident's creation, lacks it."""
         created = defender_created(defender)
-        if created is None:
+        if created is None or not self.index.covers(created):
             return True
         self.index.ensure(created, deadline=deadline)
         return self.index.exists(name)
@@ -156,24 +169,30 @@ class SentinelTarget:
                      defender: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The built-in connector's incident for this Defender incident, if that connector mirrors it.
 
-        Answered from the run's workspace listing (:class:`WorkspaceIndex`) when the Defender incident's creation
-        time is known, else by a listing filtered on ``providerIncidentId``. Matched on the exact
-        ``providerIncidentId`` and a Defender provider name. Incident IDs are only unique per tenant and the
-        connector serves the workspace's own tenant only: a provider URL naming another tenant is not a match, and
-        one without ``tid`` belongs to the workspace's tenant (an MSSP's own incidents never hide a customer's
-        incidents with the same IDs).
+        Matched on the exact ``providerIncidentId`` and a Defender provider name. Incident IDs are only unique per
+        tenant and the connector serves the workspace's own tenant only: a provider URL naming another tenant is not
+        a match, and one without ``tid`` belongs to the workspace's tenant (an MSSP's own incidents never hide a
+        customer's incidents with the same IDs).
         """
+        return next((i for i in self.provider_matches(tenant_id, incident_id, deadline=deadline, defender=defender)
+                     if not self.excluded_from_builtin(i)), None)
+
+    def provider_matches(self, tenant_id: str, incident_id: str, *, deadline: Deadline,
+                         defender: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Incidents with a Defender provider name for exactly this tenant's incident ``incident_id``. Answered from
+        the run's workspace listing (:class:`WorkspaceIndex`) when the Defender incident is recent enough for it,
+        else by a listing filtered on ``providerIncidentId`` (checked again here: a server may ignore ``$filter``)."""
         created = defender_created(defender)
-        if created is not None:
+        if created is not None and self.index.covers(created):
             self.index.ensure(created, deadline=deadline)
             listed = self.index.candidates(incident_id)
         else:
             listed = list(self.client.list_incidents(provider_incident_id=incident_id, deadline=deadline, top=50))
         home: str | None = None
+        matches: list[dict[str, Any]] = []
         for incident in listed:
             props = incident.get("properties") or {}
-            if str(props.get("providerName", "")).lower() not in BUILTIN_PROVIDERS or self.excluded_from_builtin(
-                    incident):
+            if str(props.get("providerName", "")).lower() not in BUILTIN_PROVIDERS:
                 continue
             if str(props.get("providerIncidentId", "")) != incident_id:
                 continue
@@ -185,8 +204,13 @@ class SentinelTarget:
                 home = home or self.client.home_tenant_id()
                 owner = home or ""
             if owner.lower() == tenant_id.lower():
-                return incident
-        return None
+                matches.append(incident)
+        return matches
+
+    def is_own_mirror(self, tenant_id: str, incident_id: str, *, deadline: Deadline,
+                      defender: dict[str, Any] | None = None) -> bool:
+        """Whether this Defender incident is itself one of the app's mirrors (never, for API-created mirrors)."""
+        return False
 
     def comments(self, name: str, *, deadline: Deadline) -> list[TargetComment]:
         out: list[TargetComment] = []
