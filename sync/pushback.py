@@ -31,6 +31,7 @@ _INCIDENT_ID = re.compile(
     r"workspaces/[^/]+)/providers/Microsoft\.SecurityInsights/incidents/(?P<name>[^/?#\s]+)$", re.IGNORECASE)
 LEASE_SECONDS = 60.0
 LISTED_PER_STEP = 20
+LIST_PAGE = 1000              # incidents per page of the modified-since listing (the API's largest)
 SWEEP_PER_RUN = 100           # full syncs (Graph + Sentinel reads) the sweep may start per run and tenant
 SWEEP_CHECKS_PER_RUN = 2000   # cheap checks (one Sentinel GET each) per run and tenant
 SWEEP_PER_STEP = 25
@@ -52,12 +53,21 @@ class WorkspaceChanges:
         self.listed_at = utcnow()
         self.listings = 0
         self._links: dict[str, tuple[str, str, dict[str, Any]] | None] = {}
+        self._failed: BaseException | None = None
 
     def since(self, lower: datetime, deadline: Deadline) -> list[dict[str, Any]]:
-        """The incidents modified at or after ``lower``, oldest first."""
+        """The incidents modified at or after ``lower``, oldest first. A listing that failed is not tried again by
+        the other tenants of the same run (each would spend the budget on it): they fail the same way at once."""
+        if self._failed is not None:
+            raise self._failed
         if self._from is None or lower < self._from:
             started = utcnow()
-            self._items = list(self.ctx.sentinel.list_incidents(modified_since=lower, deadline=deadline))
+            try:
+                self._items = list(self.ctx.sentinel.list_incidents(modified_since=lower, deadline=deadline,
+                                                                    top=LIST_PAGE))
+            except (ApiError, BudgetExhausted) as exc:
+                self._failed = exc
+                raise
             self._from, self.listed_at = lower, started
             self.listings += 1
         return [i for i in self._items if _modified_since(i, lower)]
