@@ -15,7 +15,7 @@ from typing import Any
 
 from .credentials import CredentialProvider
 from .graph import GraphSecurityClient
-from .http import BearerSession, RateLimiter
+from .http import BearerSession, RateLimiter, new_session, transport_options
 from .logs_sink import LogsSink
 from .sentinel import SentinelClient
 from .settings import Settings, load_settings, settings_fingerprint
@@ -55,7 +55,8 @@ class AppContext:
     def state(self) -> StateStore:
         with self._lock:
             if self._state is None:
-                store = StateStore.from_config(self.settings.storage, self.credentials.storage())
+                store = StateStore.from_config(self.settings.storage, self.credentials.storage(),
+                                               **transport_options(self.settings))
                 store.ensure_tables()
                 self._state = store
             return self._state
@@ -66,7 +67,7 @@ class AppContext:
             if self._sink is None:
                 s = self.settings
                 self._sink = LogsSink(s.logs_ingestion_endpoint, s.logs_dcr_immutable_id, self.credentials.app(),
-                                      scope=s.logs_ingestion_scope)
+                                      scope=s.logs_ingestion_scope, **transport_options(s))
             return self._sink
 
     @property
@@ -75,7 +76,7 @@ class AppContext:
         with self._lock:
             if self._sentinel is None:
                 s = self.settings
-                session = BearerSession(self.credentials.app(), s.arm_scope)
+                session = BearerSession(self.credentials.app(), s.arm_scope, session=new_session(s))
                 # One cap for the whole app, not per process: a queue fan-out runs many processes.
                 writes = SharedRateBudget(ledger, "sentinel-writes", s.sentinel_max_writes_per_minute,
                                           block=max(1, s.sentinel_max_writes_per_minute // 60))
@@ -131,7 +132,8 @@ class AppContext:
 
             s = self.settings
             self._request_client = LogsIngestionClient(s.logs_ingestion_endpoint, self.credentials.app(),
-                                                       credential_scopes=[s.logs_ingestion_scope], retry_total=0)
+                                                       credential_scopes=[s.logs_ingestion_scope], retry_total=0,
+                                                       **transport_options(s))
         self._request_client.upload(rule_id=self.settings.logs_dcr_immutable_id, stream_name=MIRROR_REQUESTS_STREAM,
                                     logs=rows)
 
@@ -142,7 +144,8 @@ class AppContext:
             if client is None:
                 s = self.settings
                 limiter = RateLimiter(s.graph_max_requests_per_minute)
-                session = BearerSession(self.credentials.graph(tenant_id), s.graph_scope, limiter=limiter)
+                session = BearerSession(self.credentials.graph(tenant_id), s.graph_scope, limiter=limiter,
+                                        session=new_session(s))
                 client = GraphSecurityClient(session, s.graph_endpoint, page_size=s.graph_page_size)
                 self._graph[tenant_id] = client
             return client

@@ -8,6 +8,7 @@ from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
 from .context import AppContext
+from .http import transport_options
 
 
 def queue_client(ctx: AppContext) -> QueueClient:
@@ -16,11 +17,11 @@ def queue_client(ctx: AppContext) -> QueueClient:
     policy = TextBase64EncodePolicy()
     if s.storage.connection_string is not None:
         return QueueClient.from_connection_string(s.storage.connection_string, s.queue_name,
-                                                  message_encode_policy=policy)
+                                                  message_encode_policy=policy, **transport_options(s))
     if s.storage.queue_uri is None:
         raise ValueError("identity-based storage needs a queue service URI for SYNC_FANOUT=queue")
     return QueueClient(s.storage.queue_uri, s.queue_name, credential=ctx.credentials.storage(),
-                       message_encode_policy=policy)
+                       message_encode_policy=policy, **transport_options(s))
 
 
 def enqueue_tenants(ctx: AppContext, direction: str) -> int:

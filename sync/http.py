@@ -24,6 +24,7 @@ import requests
 from azure.core.credentials import TokenCredential
 
 from .budget import BudgetExhausted, Deadline
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,26 @@ def error_message(response: requests.Response) -> tuple[str | None, str]:
     if isinstance(err, dict):
         return (str(err.get("code")) if err.get("code") else None), str(err.get("message", ""))[:500]
     return None, str(body)[:300]
+
+
+def new_session(settings: Settings) -> requests.Session:
+    """A ``requests`` session that trusts ``settings.ca_bundle`` and, unless a proxy is configured, does not re-read
+    the environment on every request (``trust_env``: a walk of every environment variable for proxies and
+    NO_PROXY plus a ~/.netrc look-up, about 0.1 ms a call; the settings read what matters once)."""
+    session = requests.Session()
+    session.trust_env = settings.env_proxies
+    if settings.ca_bundle is not None:
+        session.verify = settings.ca_bundle
+    return session
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """azure-core client options with the same TLS trust and environment handling as :func:`new_session`
+    (azure-core's transport honours ``REQUESTS_CA_BUNDLE`` only while it reads the environment per request)."""
+    options: dict[str, Any] = {"use_env_settings": settings.env_proxies}
+    if settings.ca_bundle is not None:
+        options["connection_verify"] = settings.ca_bundle
+    return options
 
 
 class BearerSession:

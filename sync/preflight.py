@@ -31,7 +31,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
-from .http import ApiError, BearerSession, RetryPolicy, describe_error
+from .http import ApiError, BearerSession, RetryPolicy, describe_error, new_session, transport_options
 from .rows import CHANGE_LOG_TABLES, STREAMS
 from .sentinel import ALERT_RULES_API_VERSION
 from .settings import Settings, TenantConfig
@@ -391,7 +391,8 @@ class Preflight:
         from azure.storage.queue import QueueClient
 
         cfg = self.settings.storage
-        timeout: dict[str, Any] = {"connection_timeout": self.check_seconds, "read_timeout": self.check_seconds}
+        timeout: dict[str, Any] = {"connection_timeout": self.check_seconds, "read_timeout": self.check_seconds,
+                                   **transport_options(self.settings)}
         try:
             if cfg.connection_string is not None:
                 tables = TableServiceClient.from_connection_string(cfg.connection_string, **timeout)
@@ -424,7 +425,8 @@ class Preflight:
     def _session(self, credential: TokenCredential, scope: str) -> BearerSession:
         # Two attempts, short backoff: a preflight reports, it does not wait out an outage.
         return BearerSession(credential, scope, policy=RetryPolicy(max_attempts=2, backoff_base=0.2,
-                                                                   backoff_max=1.0, timeout=self.check_seconds))
+                                                                   backoff_max=1.0, timeout=self.check_seconds),
+                             session=new_session(self.settings))
 
     def _arm(self) -> BearerSession:
         return self._session(self.ctx.credentials.app(), self.settings.arm_scope)

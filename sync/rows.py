@@ -819,14 +819,19 @@ def _account_of(evidence: Mapping[str, Any]) -> Mapping[str, Any]:
     of hostLogonSessionEvidence/cloudLogonSessionEvidence."""
     account = _obj(evidence.get("account"))
     for candidate in (evidence.get("userAccount"), account.get("userAccount"), account):
-        if isinstance(candidate, Mapping) and candidate:
-            return candidate
+        found = _obj(candidate)  # exact dict first: most candidates are None, and the Mapping ABC check is slow
+        if found:
+            return found
     return {}
 
 
 def _ip_of(value: Any) -> Any:
     """An ``ipAddress`` that is a string, or an ipEvidence object (nicEvidence, ioTDeviceEvidence, dnsEvidence)."""
-    return value.get("ipAddress") if type(value) is dict or isinstance(value, Mapping) else value
+    if type(value) is dict:
+        return value.get("ipAddress")
+    if value is None or type(value) is str:  # before the slow Mapping ABC check
+        return value
+    return value.get("ipAddress") if isinstance(value, Mapping) else value
 
 
 _NAME_IS_NOT_A_RESOURCE = frozenset({"malwareEvidence", "gitHubUserEvidence"})

@@ -40,6 +40,14 @@ SETTING_NAMES = (
 SECRET_SETTINGS = frozenset({"DEFENDER_CLIENT_SECRET", "DEFENDER_CLIENT_CERTIFICATE", "AzureWebJobsStorage",
                              "SYNC_STATE_STORAGE"})
 
+#: Where requests and azure-core look for a CA bundle (in this order); read once into ``Settings.ca_bundle``.
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+#: Proxy variables. With none set (the usual deployment), the HTTP clients do not re-read the environment on every
+#: request (``requests``' ``trust_env``: proxies, NO_PROXY, ~/.netrc, the CA bundle); with any set, they keep doing
+#: so, which honours every proxy rule exactly as before at a cost of about 0.1 ms per request.
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                   "NO_PROXY", "no_proxy")
+
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _WORKSPACE = re.compile(
     r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/"
@@ -135,6 +143,10 @@ class Settings:
     mirror_target: MirrorTarget = "sentinel-api"
     mirror_rule_id: str | None = None           # the mirror analytics rule's name (GUID), with defender-portal
     mirror_requests_per_minute: int = 25
+    #: CA bundle for TLS (``REQUESTS_CA_BUNDLE``, else ``CURL_CA_BUNDLE``); None: the default trust store.
+    ca_bundle: str | None = None
+    #: A proxy variable is set (:data:`PROXY_VARIABLES`): HTTP clients keep reading the environment per request.
+    env_proxies: bool = False
 
     @property
     def graph_scope(self) -> str:
@@ -243,12 +255,26 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         mirror_target=mirror_target,  # type: ignore[arg-type]
         mirror_rule_id=rule_id.lower() if rule_id else None,
         mirror_requests_per_minute=int(reader.number("SYNC_MIRROR_REQUESTS_PER_MINUTE", 25, 1, 30, True)),
+        ca_bundle=_ca_bundle(env, problems),
+        env_proxies=any(env.get(name, "").strip() for name in PROXY_VARIABLES),
     )
     if problems:
         raise SettingsError(problems)
     for warning in settings.warnings:
         log.warning(warning, extra={"action": "settings", "outcome": "warning"})
     return settings
+
+
+def _ca_bundle(env: Mapping[str, str], problems: list[str]) -> str | None:
+    """The CA bundle the HTTP clients verify TLS with, read once here (they no longer read the environment)."""
+    for name in CA_BUNDLE_VARIABLES:
+        value = env.get(name, "").strip()
+        if value:
+            if not os.path.exists(value):
+                problems.append(f"{name} points to {value!r}, which does not exist: set it to a PEM file (or a "
+                                f"directory) of trusted CA certificates, or remove it to use the default store.")
+            return value
+    return None
 
 
 def _certificate_bytes(value: str, problems: list[str]) -> bytes | None:
@@ -467,8 +493,8 @@ class _Reader:
         return StorageConfig(table_uri=table_uri, queue_uri=queue_uri, client_id=self.optional(f"{prefix}__clientId"))
 
 
-_FINGERPRINT_EXTRA = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "MSI_ENDPOINT", "REQUESTS_CA_BUNDLE",
-                      "APPLICATIONINSIGHTS_CONNECTION_STRING")
+_FINGERPRINT_EXTRA = ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "MSI_ENDPOINT", "APPLICATIONINSIGHTS_CONNECTION_STRING",
+                      *CA_BUNDLE_VARIABLES, *PROXY_VARIABLES)
 
 
 def settings_fingerprint(env: Mapping[str, str] | None = None) -> str:

@@ -176,13 +176,14 @@ class StateStore:
         self._clients: dict[str, TableClient] = {}
 
     @classmethod
-    def from_config(cls, config: StorageConfig, credential: TokenCredential | None) -> StateStore:
-        """Connection string, or identity-based with the app's credential."""
+    def from_config(cls, config: StorageConfig, credential: TokenCredential | None, **options: Any) -> StateStore:
+        """Connection string, or identity-based with the app's credential; ``options``: azure-core client options
+        (:func:`sync.http.transport_options`)."""
         if config.connection_string is not None:
-            return cls(TableServiceClient.from_connection_string(config.connection_string))
+            return cls(TableServiceClient.from_connection_string(config.connection_string, **options))
         if credential is None or config.table_uri is None:
             raise ValueError("identity-based state storage needs a table service URI and a credential")
-        return cls(TableServiceClient(endpoint=config.table_uri, credential=credential))
+        return cls(TableServiceClient(endpoint=config.table_uri, credential=credential, **options))
 
     @property
     def service(self) -> TableServiceClient:

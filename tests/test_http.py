@@ -66,3 +66,58 @@ def test_appending_post_is_retried_when_throttled() -> None:
     bearer, fake = session([(429, {"Retry-After": "1"}), (503, {}), (201, {})])
     assert bearer.request("POST", "https://graph/comments", json={}, idempotent=False).status_code == 201
     assert fake.calls == 3
+
+
+# ---------------------------------------------------------------------------------------- environment, TLS trust
+
+
+def test_sessions_read_tls_trust_from_settings_and_the_environment_only_with_a_proxy(tmp_path: Any) -> None:
+    """Without a proxy variable the sessions do not re-read the environment per request; the CA bundle comes from
+    the settings (passed explicitly, since requests and azure-core honour REQUESTS_CA_BUNDLE only with trust_env)."""
+    from sync.http import new_session, transport_options
+    from sync.settings import load_settings
+    from tests.test_settings import base_env
+
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    plain = load_settings(base_env(REQUESTS_CA_BUNDLE=str(bundle)))
+    session = new_session(plain)
+    assert session.trust_env is False and session.verify == str(bundle)
+    assert transport_options(plain) == {"use_env_settings": False, "connection_verify": str(bundle)}
+    proxied = load_settings(base_env(HTTPS_PROXY="http://proxy.contoso.com:3128"))
+    assert new_session(proxied).trust_env is True and new_session(proxied).verify is True
+    assert transport_options(proxied) == {"use_env_settings": True}
+
+
+def test_clients_trust_the_emulators_without_reading_the_environment_per_request(
+        make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graph, ARM, Logs Ingestion and Table clients built by the app context: TLS to the emulators verifies with
+    the settings' CA bundle, and no request walks the environment for proxies or reads ~/.netrc."""
+    import requests.sessions
+    from conftest import apply_settings
+
+    from sync.context import AppContext
+    from sync.settings import load_settings
+
+    env = make_app_settings()
+    apply_settings(monkeypatch, env)  # the managed identity's endpoint is read by azure-identity itself
+    settings = load_settings(env)
+    ctx = AppContext(settings)
+    tenant = settings.tenants[0].tenant_id
+    for credential, scope in ((ctx.credentials.graph(tenant), settings.graph_scope),
+                              (ctx.credentials.app(), settings.logs_ingestion_scope),
+                              (ctx.credentials.app(), settings.arm_scope)):
+        credential.get_token(scope)  # identity keeps its own transport; tokens are cached from here on
+
+    def environment_read(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a request read the environment")
+
+    monkeypatch.setattr(requests.sessions, "get_environ_proxies", environment_read)
+    monkeypatch.setattr(requests.sessions, "get_netrc_auth", environment_read)
+    graph = ctx.graph(tenant).session.request("GET", f"{settings.graph_endpoint}/v1.0/security/incidents?$top=1")
+    assert graph.status_code == 200
+    result = ctx.sink.upload("DefenderIncidents_CL", [{"TimeGenerated": "2026-01-01T00:00:00Z"}])
+    assert result.requests == 1 and result.ok, result.errors
+    ctx.state.ensure_tables()
+    arm = ctx.sentinel._session._session
+    assert arm.trust_env is False and arm.verify == settings.ca_bundle

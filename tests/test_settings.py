@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -198,3 +199,16 @@ def test_defender_portal_reads_its_rule_and_cap() -> None:
 ])
 def test_bad_mirror_settings_are_named(overrides: dict[str, str], fragment: str) -> None:
     assert any(fragment in p for p in problems_of(base_env(**overrides))), problems_of(base_env(**overrides))
+
+
+def test_ca_bundle_is_read_once_and_a_missing_file_is_named(tmp_path: Any) -> None:
+    """The HTTP clients verify TLS with the bundle the settings read (REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE)."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    assert load_settings(base_env()).ca_bundle is None
+    assert load_settings(base_env(CURL_CA_BUNDLE=str(bundle))).ca_bundle == str(bundle)
+    assert load_settings(base_env(REQUESTS_CA_BUNDLE=str(bundle), CURL_CA_BUNDLE="/x")).ca_bundle == str(bundle)
+    assert load_settings(base_env()).env_proxies is False
+    assert load_settings(base_env(no_proxy="localhost")).env_proxies is True
+    missing = str(tmp_path / "absent.pem")
+    assert any("REQUESTS_CA_BUNDLE" in p and missing in p for p in problems_of(base_env(REQUESTS_CA_BUNDLE=missing)))
