@@ -41,6 +41,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .base import EmuError
@@ -434,3 +435,20 @@ def _row_entities(row: Mapping[str, Any]) -> list[dict[str, Any]]:
             if isinstance(value, str) and value:
                 entities.append({"kind": kind, "properties": {identifier: value}})
     return entities
+
+
+class AppClock:
+    """A simulated clock for the app's defender-portal target (``ctx.clock`` and ``ctx.sleep``: request times, the
+    shared pace, the 30-minute re-request), so tests, the demo and the bench move time instead of waiting for it."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime.now(UTC)
+        self.lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self.lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self.lock:
+            self.now += timedelta(seconds=seconds)

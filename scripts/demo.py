@@ -20,9 +20,7 @@ import json
 import os
 import sys
 import tempfile
-import threading
 from collections import Counter
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from azure.functions.timer import TimerRequest  # noqa: E402
 from emulators.azurite import Azurite  # noqa: E402
 from emulators.certs import ensure_tls  # noqa: E402
 from emulators.hub import EmulatorHub, app_settings  # noqa: E402
+from emulators.portal import AppClock  # noqa: E402
 
 TABLES = ("DefenderIncidents_CL", "DefenderAlerts_CL", "DefenderEvidence_CL")
 TARGETS = ("sentinel-api", "defender-portal")
@@ -105,7 +104,7 @@ def run(hub: EmulatorHub, connection: str, target: str = "sentinel-api") -> int:
 
     functions = {f.get_function_name(): f.get_user_function() for f in function_app.app.get_functions()}
     heading("Running defender_pull through function_app.py (timer trigger)")
-    clock = SimClock() if portal else None
+    clock = AppClock() if portal else None
     if clock is not None:
         from sync.context import get_context
 
@@ -164,25 +163,7 @@ def run(hub: EmulatorHub, connection: str, target: str = "sentinel-api") -> int:
     return 0 if ok else 1
 
 
-class SimClock:
-    """The app's defender-portal clock (request times, the pace): moved by the demo, never slept."""
-
-    def __init__(self) -> None:
-        from sync.timeutil import utcnow
-
-        self.now = utcnow()
-        self.lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self.lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self.lock:
-            self.now += timedelta(seconds=seconds)
-
-
-def portal_rounds(hub: EmulatorHub, functions: dict[str, Any], clock: SimClock) -> None:
+def portal_rounds(hub: EmulatorHub, functions: dict[str, Any], clock: AppClock) -> None:
     """defender-portal: a minute passes (the rule runs over the rows of that minute), the app links what the rule
     made and sends what the pace allows, until every request is linked; then the figures."""
     world, sentinel = hub.world, hub.sentinel

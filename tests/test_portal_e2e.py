@@ -10,8 +10,7 @@ nothing.
 from __future__ import annotations
 
 import json
-import threading
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,27 +19,12 @@ from azure.monitor.ingestion import LogsIngestionClient
 from conftest import apply_settings
 from harness import http, run_timer
 
+from emulators.portal import AppClock
 from sync.context import get_context
 from sync.timeutil import utcnow
 
 RULE_ID = "7c1e5a1e-0000-4000-8000-00000000d0c5"
 TENANT_NAMES = ("Contoso", "Fabrikam", "Woodgrove")
-
-
-class AppClock:
-    """The app's defender-portal clock (request times, the pace, the 30-minute re-request): moved, never slept."""
-
-    def __init__(self) -> None:
-        self.now = utcnow()
-        self.lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self.lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self.lock:
-            self.now += timedelta(seconds=seconds)
 
 
 class Portal:
