@@ -153,3 +153,17 @@ def make_app_settings(emulators: EmulatorHub, request: pytest.FixtureRequest) ->
         return app_settings(emulators, connection, tenants, credential=credential, **overrides)
 
     return build
+
+
+@pytest.fixture
+def one_tenant(emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``one_tenant(name, seed, count, **settings)``: a tenant with generated incidents, the app configured for it."""
+
+    def setup(name: str, seed: int, count: int, **overrides: str) -> tuple[Any, str]:
+        world = emulators.world
+        tenant = world.add_tenant(name=name)
+        world.generate(seed, tenant, count)
+        apply_settings(monkeypatch, make_app_settings([tenant], **overrides))
+        return world, tenant
+
+    return setup

@@ -59,11 +59,8 @@ def test_an_idle_run_costs_one_graph_request_and_two_table_operations(
 
 
 def test_the_lease_in_the_tenant_state_keeps_a_second_instance_out(
-        emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    world = emulators.world
-    tenant = world.add_tenant(name="Busy")
-    world.generate(6, tenant, 30)
-    apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="10"))
+        emulators: Any, one_tenant: Any) -> None:
+    world, tenant = one_tenant("Busy", 6, 30, SYNC_GRAPH_PAGE_SIZE="10")
     ctx = get_context()
     ctx.state.ensure_tables()
     config = ctx.settings.tenants[0]

@@ -68,20 +68,6 @@ def two_tenants(emulators: Any, make_app_settings: Any, monkeypatch: pytest.Monk
     return world, tenants
 
 
-@pytest.fixture
-def one_tenant(emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """``one_tenant(name, seed, count, **settings)``: a tenant with generated incidents, the app configured for it."""
-
-    def setup(name: str, seed: int, count: int, **overrides: str) -> tuple[Any, str]:
-        world = emulators.world
-        tenant = world.add_tenant(name=name)
-        world.generate(seed, tenant, count)
-        apply_settings(monkeypatch, make_app_settings([tenant], **overrides))
-        return world, tenant
-
-    return setup
-
-
 def test_pull_lands_every_version_once_with_schema_conformant_rows(two_tenants: Any) -> None:
     world, tenants = two_tenants
     run_timer("defender_pull")
