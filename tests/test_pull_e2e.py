@@ -141,14 +141,20 @@ def test_updates_landing_mid_paging_hide_nothing(one_tenant: Any) -> None:
     assert_complete_once(world, [tenant])
 
 
-def test_ties_larger_than_a_page(emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    world = emulators.world
-    tenant = world.add_tenant(name="Ties")
-    world.generate(31, tenant, 30)
+def tie_group(world: Any, name: str, seed: int) -> str:
+    """A tenant of 30 incidents, 25 of them updated at the same instant (a tie group five pages of 5 long)."""
+    tenant = world.add_tenant(name=name)
+    world.generate(seed, tenant, 30)
     # Derived from the clock: a fixed date falls out of the 7-day look-back a week later.
     same = (datetime.now(UTC) - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%S.1234567Z")
     for incident_id in world.incident_ids(tenant)[:25]:
         world.update_incident(tenant, incident_id, last_update=same, status="inProgress")
+    return str(tenant)
+
+
+def test_ties_larger_than_a_page(emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenant = tie_group(world, "Ties", 31)
     apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="5"))
     run_timer("defender_pull")
     assert_complete_once(world, [tenant])
@@ -352,11 +358,7 @@ def test_an_incident_with_9000_alerts_pulls_and_is_not_ingested_again(emulators:
 def test_graphs_order_failing_degrades_and_reports_instead_of_stalling(
         fault: str, emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     world = emulators.world
-    tenant = world.add_tenant(name="Disorder")
-    world.generate(32, tenant, 30)
-    same = (datetime.now(UTC) - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%S.1234567Z")
-    for incident_id in world.incident_ids(tenant)[:25]:
-        world.update_incident(tenant, incident_id, last_update=same, status="inProgress")
+    tenant = tie_group(world, "Disorder", 32)
     setattr(world.graph, fault, True)
     apply_settings(monkeypatch, make_app_settings([tenant], SYNC_GRAPH_PAGE_SIZE="5"))
     status, body = http("sync_run", body={})
