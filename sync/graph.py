@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from . import jsonio
 from .budget import Deadline
 from .http import ApiError, BearerSession, CallStats
 from .timeutil import canonical_time
@@ -543,7 +544,7 @@ def _check_id(incident_id: str) -> None:
 
 def _json_body(response: Any, what: str) -> dict[str, Any]:
     try:
-        data = response.json()
+        data = jsonio.loads(response.content)
     except ValueError as exc:
         raise GraphResponseError(f"{what}: response body is not JSON", response.status_code) from exc
     if not isinstance(data, dict):

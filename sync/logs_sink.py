@@ -2,13 +2,14 @@
 
 Why we chunk and compress ourselves: the SDK's chunker sums ``len(json.dumps(record))`` per record and ignores the
 array's brackets and ``", "`` separators, so a chunk it builds can serialise past the service's 1 MB call limit (413),
-and it serialises every record twice. Here each row is serialised once (``json.dumps``, the SDK's own spelling); that
-one text gives the row's size, the chunks (whose *exact* body is ``[`` + texts joined by ``", "`` + ``]``, kept under
-``max_chunk_bytes``, default 900,000: a margin under both readings of "1 MB", 1,000,000 and 1,048,576), and the
-body, gzipped once and handed to the SDK as a stream, which it sends as it is (one request per chunk). The service
-counts the limit on the uncompressed body too, so a denser gzip buys no fewer calls: level 1 (:data:`GZIP_LEVEL`)
-costs half the CPU of the SDK's level 6 for about 1.4x the bytes on the wire. A body whose gzip would still exceed
-:data:`MAX_REQUEST_BYTES` (incompressible text near the cap) is split before sending.
+and it serialises every record twice. Here each row is serialised once (:func:`sync.jsonio.dumps` while it is built:
+compact UTF-8, never longer than the SDK's ``json.dumps``); that one text gives the row's size, the chunks (whose
+*exact* body is ``[`` + texts joined by ``", "`` + ``]``, kept under ``max_chunk_bytes``, default 900,000: a margin
+under both readings of "1 MB", 1,000,000 and 1,048,576), and the body, gzipped once and handed to the SDK as a stream,
+which it sends as it is (one request per chunk). The service counts the limit on the uncompressed body too, so a denser
+gzip buys no fewer calls: level 1 (:data:`GZIP_LEVEL`) costs half the CPU of the SDK's level 6 for about 1.4x the bytes
+on the wire. A body whose gzip would still exceed :data:`MAX_REQUEST_BYTES` (incompressible text near the cap) is split
+before sending.
 
 What the caller learns: :class:`UploadResult` lists exactly the rows that were *not* stored (``failed_rows``) with
 the reasons, so the engine never advances a cursor past them. Failures are the exceptions the SDK raises for a

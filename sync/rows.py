@@ -40,6 +40,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from . import jsonio
 from .mapping import sentinel_description, sentinel_severity
 from .timeutil import parse_time, zulu_parts
 
@@ -476,7 +477,7 @@ def _fit_row(row: dict[str, Any], columns: Mapping[str, str], truncated: set[str
 
 class Row(dict[str, Any]):
     """A built row (a plain dict to every reader) carrying ``wire``: its JSON text exactly as the Logs sink sends
-    it (``json.dumps`` defaults, ASCII, keys in schema order), made once while building, so that sizing,
+    it (compact UTF-8, keys in schema order, :func:`sync.jsonio.dumps`), made once while building, so that sizing,
     chunking and the request body reuse it instead of serialising the row again. Any change to the row drops
     ``wire`` (the sink then serialises the row itself); ``dict(row)`` is a plain dict."""
 
@@ -503,11 +504,9 @@ for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem"
 
 
 def _wire(row: Mapping[str, Any]) -> bytes | None:
-    """``row`` as the sink sends it, or None when it is not strict JSON (the sink then reports it)."""
-    try:
-        return json.dumps(row, allow_nan=False).encode("ascii")
-    except (TypeError, ValueError):
-        return None
+    """``row`` as the sink sends it, or None when it is not JSON (the sink then reports it). Never longer than
+    ``json.dumps(row)``, by which rows are sized (compact, and UTF-8 is never longer than ``\\u`` escapes)."""
+    return jsonio.dumps(row)
 
 
 _SLOW = object()  # a fast converter's "not the usual case": take :func:`_coerce`
