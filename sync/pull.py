@@ -42,6 +42,9 @@ STEP_RESERVE_SECONDS = 8.0  # room to store a fetched page (the sink starts no c
 #: pages; fewer at a slice's end or when the budget is short), so its fixed costs (three Logs Ingestion calls, the
 #: version transaction, the checkpoint) are paid once per group: about a sixth of the pull's CPU at one page a step.
 STEP_INCIDENTS = 150
+#: ... and at most this long reading them: the runner interleaves tenants a step at a time, so with small pages or a
+#: slow Graph a big backlog's step must not take the time of the other tenants' turns (a short budget serves them all).
+STEP_READ_SECONDS = 2.0
 DEAD_LETTER_RETRIES_PER_RUN = 20
 # Graph's clock may lag ours: an update time this close to the run's start counts as "during the run".
 MIN_CLOCK_MARGIN_SECONDS = 300.0
@@ -94,6 +97,7 @@ class TenantPull:
         self._confirmed: TenantState | None = None  # the progress known good: what the last write records
         self._prefetched: dict[str, IncidentVersion] | None = None  # versions _needs_writes read for this page
         self._deferred: Exception | None = None  # a failure reading on after a page: raised by the next step
+        self._slice_read = False  # reading on found the slice's end: the step that stores its last pages completes it
         self._slices: list[_Slice] = []
         self._current: _Slice | None = None
         self._pages: Iterator[IncidentPage] | None = None
@@ -201,24 +205,31 @@ class TenantPull:
         if self._lease is None and not self._needs_writes(page.incidents):
             self.summary.skipped += len(page.incidents)  # all read before (the overlap): nothing to store
             self._after_resume = False
-            return True
-        if not self._take_lease():
-            return False
-        self._process(page.incidents)
-        self._checkpoint(page.position)
+        else:
+            if not self._take_lease():
+                return False
+            self._process(page.incidents)
+            if not self._slice_read:
+                self._checkpoint(page.position)
+        if self._slice_read:  # the slice ended while reading on: done in this step, not one more turn
+            self._complete_slice()
+            return bool(self._slices)
         return True
 
     def _read_on(self, page: IncidentPage) -> IncidentPage:
-        """``page`` joined by the slice's next pages up to :data:`STEP_INCIDENTS` incidents, resuming after the last.
-        A failure reading on is kept for the next step, so the pages read are still stored (as one page a step did)."""
+        """``page`` joined by the slice's next pages up to :data:`STEP_INCIDENTS` incidents or
+        :data:`STEP_READ_SECONDS` of reading on, resuming after the last. A failure reading on is kept for the next
+        step, so the pages read are still stored (as one page a step did)."""
         assert self._pages is not None
         pages = [page]
-        while (sum(len(p.incidents) for p in pages) < STEP_INCIDENTS
+        read_until = self.deadline.remaining() - STEP_READ_SECONDS
+        while (sum(len(p.incidents) for p in pages) < STEP_INCIDENTS and self.deadline.remaining() > read_until
                and not self.deadline.expired(2 * self.deadline.reserve(STEP_RESERVE_SECONDS))):
             try:
                 pages.append(next(self._pages))
             except StopIteration:
-                break  # the next step completes the slice
+                self._slice_read = True
+                break
             except Exception as exc:  # ApiError, BudgetExhausted, ...: what the next step's read would have raised
                 self._deferred = exc
                 break

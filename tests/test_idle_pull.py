@@ -60,7 +60,7 @@ def test_an_idle_run_costs_one_graph_request_and_two_table_operations(
 
 def test_the_lease_in_the_tenant_state_keeps_a_second_instance_out(
         emulators: Any, one_tenant: Any) -> None:
-    world, tenant = one_tenant("Busy", 6, 30, SYNC_GRAPH_PAGE_SIZE="10")
+    world, tenant = one_tenant("Busy", 6, 400, SYNC_GRAPH_PAGE_SIZE="50")  # three steps of 150 at most
     ctx = get_context()
     ctx.state.ensure_tables()
     config = ctx.settings.tenants[0]
@@ -76,7 +76,7 @@ def test_the_lease_in_the_tenant_state_keeps_a_second_instance_out(
         pass
     assert first.finish("success").outcome == "success"
     assert ctx.state.get_tenant(tenant).lease_owner is None, "the last write gave the lease back"
-    assert len(world.rows("DefenderIncidents_CL")) == 30, "every incident once"
+    assert len(world.rows("DefenderIncidents_CL")) == 400, "every incident once"
 
 
 def test_a_dead_letter_marks_its_tenant_due_and_an_idle_run_skips_the_letters(

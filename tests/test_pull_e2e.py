@@ -174,6 +174,42 @@ def test_budget_spent_mid_backlog_resumes_next_run(one_tenant: Any, emulators: A
     assert_complete_once(world, [tenant])
 
 
+def test_three_very_different_backlogs_share_a_short_budget(emulators: Any, make_app_settings: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fair end to end: a short budget, tenants with 400, 20 and 2 incidents (mirrored) and a slow Graph, so the
+    big backlog cannot finish in one run. Every incident of the small tenants lands in the first run and they are
+    done (cursor moved) by the second; the big one moves on in every run until it is done too; nothing is lost or
+    doubled on the way."""
+    world = emulators.world
+    big, mid, small = (world.add_tenant(name=name) for name in ("Big", "Mid", "Small"))
+    for seed, tenant, count in ((51, big, 400), (52, mid, 20), (53, small, 2)):
+        world.generate(seed, tenant, count)
+    apply_settings(monkeypatch, make_app_settings([big, mid, small], SYNC_GRAPH_PAGE_SIZE="10",
+                                                  SYNC_TIME_BUDGET_SECONDS="10"))
+    emulators.faults.rule("graph", lambda req: "security/incidents" in req.path, Fault("delay", seconds=0.3))
+    want = {t: expected_versions(world, [t])[0] for t in (big, mid, small)}
+    progress: list[int] = []
+    done: set[str] = set()
+    for run in range(1, 16):
+        status, summary = http("sync_run", body={})
+        assert status == 200
+        done |= {t["tenantId"] for t in summary["tenants"] if t["outcome"] == "success"}
+        got = set(ingested(world)[0])
+        if run == 1:
+            assert summary["budgetExhausted"] is True, "the big backlog must not fit one run for this test"
+            assert want[mid] <= got and want[small] <= got, "a small tenant waited behind the big backlog"
+        if run == 2:
+            assert {mid, small} <= done, json.dumps(summary["tenants"])
+            emulators.faults.clear()  # the rest only checks the big backlog finishes intact
+        progress.append(len(want[big] & got))
+        moved = progress[-1] > (progress[-2] if run > 1 else 0)
+        assert moved or progress[-1] == len(want[big]), f"the big tenant stalled: {progress}"
+        if not summary["budgetExhausted"]:
+            break
+    assert progress[0] < len(want[big]) and big in done
+    assert_complete_once(world, [big, mid, small])
+
+
 def test_two_concurrent_runs_never_double_ingest(two_tenants: Any) -> None:
     world, tenants = two_tenants
     results: list[Any] = []
