@@ -75,7 +75,9 @@ def run_cycle(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], 
             try:
                 more = cycle.step()
             except BudgetExhausted:
-                summary.budget_exhausted, stopped_at = True, tid
+                # Its step was cut having had its turn: the next tenant goes first next run. Starting with it
+                # again would let a step that always outlasts the budget (a write cap's wait) starve the rest.
+                summary.budget_exhausted, stopped_at = True, _after(order, tid)
                 break
             except Exception as exc:
                 log.warning("tenant cycle failed", exc_info=True,
@@ -103,6 +105,12 @@ def run_cycle(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], 
     log.info("cycle finished", extra={"action": direction, "outcome": "budget-exhausted" if summary.budget_exhausted
                                       else "complete", "tenants": len(summary.tenants)})
     return summary
+
+
+def _after(order: Sequence[TenantConfig], tenant_id: str) -> str:
+    """The tenant that follows ``tenant_id`` in the run's order (cyclically)."""
+    ids = [t.tenant_id for t in order]
+    return ids[(ids.index(tenant_id) + 1) % len(ids)]
 
 
 def _start(ctx: AppContext, tenant: TenantConfig, deadline: Deadline, since: datetime | None,
@@ -136,7 +144,8 @@ def _rotation(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig]) 
 
 def _save_rotation(ctx: AppContext, direction: str, tenants: Sequence[TenantConfig], order: list[TenantConfig],
                    stopped_at: str | None) -> None:
-    """Remember where the next run starts: the tenant whose turn the budget cut, else the next one in line."""
+    """Remember where the next run starts: the first tenant the budget left without its turn, else the next one in
+    line."""
     if len(order) < 2:
         return
     following = stopped_at or order[1].tenant_id

@@ -67,13 +67,23 @@ def tenants(n: int) -> list[TenantConfig]:
     return [TenantConfig(tenant_id=f"00000000-0000-0000-0000-{i:012d}", name=f"T{i}") for i in range(n)]
 
 
-def run(ctx: Ctx, configured: list[TenantConfig], backlog: dict[str, int], budget: float) -> list[str]:
+class HogCycle(FakeCycle):
+    """A tenant whose step waits out whatever budget is left and is cut (a hook waiting for a write cap)."""
+
+    def step(self) -> bool:
+        self.served.append(self.tenant.tenant_id)
+        self.clock.now += self.deadline.remaining()
+        raise BudgetExhausted("the shared write budget frees up past the run's budget")
+
+
+def run(ctx: Ctx, configured: list[TenantConfig], backlog: dict[str, int], budget: float,
+        hogs: frozenset[str] = frozenset()) -> list[str]:
     clock = Clock()
     deadline = Deadline(budget, clock=clock)
     served: list[str] = []
 
     def factory(_ctx: Any, tenant: TenantConfig, dl: Deadline, _since: datetime | None) -> FakeCycle:
-        return FakeCycle(tenant, dl, clock, backlog, served)
+        return (HogCycle if tenant.tenant_id in hogs else FakeCycle)(tenant, dl, clock, backlog, served)
 
     summary = run_cycle(ctx, "pull", configured, deadline, factory)  # type: ignore[arg-type]
     assert {t.tenant_id for t in summary.tenants} == {t.tenant_id for t in configured}, "every tenant is reported"
@@ -100,3 +110,13 @@ def test_small_tenant_behind_a_big_backlog_progresses_within_two_runs(ctx: Ctx) 
     first = run(ctx, configured, backlog, budget=2.5)       # room for two steps
     second = run(ctx, configured, backlog, budget=2.5)
     assert small not in first and second[0] == small, "the next run starts where the budget cut the last one"
+
+
+def test_a_tenant_whose_step_spends_the_whole_budget_does_not_go_first_again(ctx: Ctx) -> None:
+    configured = tenants(3)
+    hog, a, b = (t.tenant_id for t in configured)
+    backlog = {hog: 10_000, a: 1, b: 1}
+    first = run(ctx, configured, backlog, budget=5.0, hogs=frozenset({hog}))
+    second = run(ctx, configured, backlog, budget=5.0, hogs=frozenset({hog}))
+    assert first == [hog], "its step took the whole run"
+    assert second[:2] == [a, b], "the tenants after it are served next run, not the same step again first"
