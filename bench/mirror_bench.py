@@ -9,6 +9,8 @@ Graph sessions and azure-core's transport for Table Storage all go through it).
 1. **New mirrors**: N Defender incidents (one alert, no comment), one ``defender_pull``: Sentinel and Table
    requests per new mirror, and mirrors per second (the pull's wall time, ingestion included, over N).
 2. **Updates**: every incident's status changed in Defender, one ``defender_pull``: requests per updated incident.
+3. **Quiet re-run**: nothing changed in Defender, one ``defender_pull`` (its overlap re-reads the N incidents): Table
+   and Sentinel requests per re-read incident.
 3. **Reconcile**: C closed links (closed 30 days ago, mirrors unchanged since) spread over the two tenants, plus the
    N open mirrors of step 1 of which K are edited by an analyst in Sentinel (no webhook delivered); one reconcile
    run (``sync_run`` direction reconcile, every tenant): ARM reads and ARM requests.
@@ -164,6 +166,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             for i in range(n):
                 hub.world.update_incident(tenants[i % 2], str(1000 + i), {"status": "inProgress"})
             upd, upd_wall = counts.measure(lambda: run_timer("defender_pull"))
+            quiet, quiet_wall = counts.measure(lambda: run_timer("defender_pull"))
             from sync.context import get_context
             seed_closed_links(hub, get_context().state, tenants, options.closed)
             http("sync_run", body={"direction": "reconcile"})   # settle: cursor and sweep position at rest
@@ -185,6 +188,9 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "update": {"sentinelPerUpdate": round(upd.get("sentinel", 0) / n, 2),
                    "tablePerUpdate": round(upd.get("table", 0) / n, 2),
                    "updatesPerSecond": round(n / upd_wall, 1), "requests": upd},
+        "quietRerun": {"sentinelPerIncident": round(quiet.get("sentinel", 0) / n, 2),
+                       "tablePerIncident": round(quiet.get("table", 0) / n, 2),
+                       "seconds": round(quiet_wall, 2), "requests": quiet},
         "reconcile": {"closedLinks": options.closed, "openLinks": n, "changes": options.changes,
                       "armReads": arm_reads, "armRequests": rec.get("sentinel", 0),
                       "tableRequests": rec.get("table", 0), "seconds": round(rec_wall, 2), "requests": rec},
@@ -204,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changes", type=int, default=10)
     options = parser.parse_args(argv)
     r = run(options)
-    m, u, c = r["newMirror"], r["update"], r["reconcile"]
+    m, u, q, c = r["newMirror"], r["update"], r["quietRerun"], r["reconcile"]
     print(f"new mirror: {m['sentinelPerMirror']} Sentinel requests ({m['sentinelWritesPerMirror']} PUT), "
           f"{m['tablePerMirror']} Table requests per mirror; {m['mirrorsPerSecond']} mirrors/s "
           f"({r['mirrored']}/{r['incidents']} mirrored)")
     print(f"update:     {u['sentinelPerUpdate']} Sentinel requests, {u['tablePerUpdate']} Table requests per "
           f"updated incident; {u['updatesPerSecond']} updates/s")
+    print(f"quiet rerun: {q['sentinelPerIncident']} Sentinel requests, {q['tablePerIncident']} Table requests per "
+          f"re-read incident; {q['seconds']} s")
     print(f"reconcile:  {c['armReads']} ARM reads ({c['armRequests']} ARM requests, {c['tableRequests']} Table) "
           f"with {c['closedLinks']:,} closed links, {c['openLinks']} open, {c['changes']} changes; "
           f"{c['seconds']} s")

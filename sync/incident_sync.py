@@ -72,6 +72,22 @@ DEFAULT_BUSY_WAIT_SECONDS = 1.0
 FALLBACK_STATUS = {"active": "inProgress"}
 
 
+class _LinkMarker:
+    """Marker for a link the caller has not read."""
+
+
+UNREAD_LINK: Any = _LinkMarker()   # not read: the sync reads it
+NO_LINK: Any = _LinkMarker()       # not read, known absent: the pull never stored a version of the incident
+
+
+@dataclass
+class NewLink:
+    """A new link a sync of the pull made, written with the page's others (``StateStore.create_links``)."""
+
+    incident_id: str
+    link: dict[str, Any]
+
+
 class IncidentBusy(ApiError):
     """Another worker is syncing this incident right now; try again later (nothing was read or written)."""
 
@@ -141,10 +157,16 @@ class IncidentSyncer:
 
     @traced_incident_sync  # sync.incident span: tenantId, incidentId, trigger, result
     def sync(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline, trigger: str,
-             defender: dict[str, Any] | None = None, retry: bool = False) -> SyncOutcome:
+             defender: dict[str, Any] | None = None, retry: bool = False, link: Any = UNREAD_LINK,
+             new_links: list[NewLink] | None = None) -> SyncOutcome:
         """Bring one incident's two sides together (see the module docstring), holding the incident's lease.
         Raises :class:`IncidentBusy` when another worker holds it, ApiError on I/O failure. ``retry``: an earlier
-        attempt for this incident failed (it may have created the mirror before it failed)."""
+        attempt for this incident failed (it may have created the mirror before it failed).
+
+        The pull's page-level hook passes what it knows: ``link`` as it read it (None: absent; :data:`NO_LINK`:
+        known absent, not read), used for the first attempt (the link write's ``If-Match`` still guards it);
+        ``new_links`` collects the links a sync without the lease would create, for the hook to write in
+        transactions (their creates still fail if a link exists)."""
         if not tenant.mirrors:
             # A data-only tenant is never written in Sentinel nor Defender, whatever links an older mode left.
             ignored = SyncOutcome(tenant.tenant_id, incident_id, "ignored",
@@ -152,8 +174,8 @@ class IncidentSyncer:
             self._log(ignored, trigger)
             return ignored
         if trigger == "pull":
-            outcome = self._pull_without_lease(tenant, incident_id, deadline=deadline, defender=defender,
-                                               retry=retry)
+            outcome, link = self._pull_without_lease(tenant, incident_id, deadline=deadline, defender=defender,
+                                                     retry=retry, link=link, new_links=new_links)
             if outcome is not None:
                 self._log(outcome, trigger)
                 return outcome
@@ -167,29 +189,40 @@ class IncidentSyncer:
                     "outcome": "busy"})
                 raise IncidentBusy(f"incident {incident_id} is being synced by another worker; will retry later")
             for _ in range(MAX_LINK_RACES):
-                link = self.ctx.state.get_link(tenant.tenant_id, incident_id)
+                if not isinstance(link, dict):  # a link known absent is read again under the lease
+                    link = self.ctx.state.get_link(tenant.tenant_id, incident_id)
                 outcome = self._sync_once(tenant, incident_id, link, deadline=deadline, trigger=trigger,
                                           defender=defender)
                 if outcome is not None:
                     self._log(outcome, trigger)
                     return outcome
-                defender = None  # another worker synced it meanwhile: start again from fresh reads
+                defender, link = None, UNREAD_LINK  # another worker synced it meanwhile: start again from fresh reads
         raise ApiError(f"incident {incident_id}: the link kept changing under concurrent syncs; will retry later")
 
     def _pull_without_lease(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline,
-                            defender: dict[str, Any] | None, retry: bool) -> SyncOutcome | None:
+                            defender: dict[str, Any] | None, retry: bool, link: Any, new_links: list[NewLink] | None
+                            ) -> tuple[SyncOutcome | None, Any]:
         """The pull's cheap cases, without the incident's lease: a version already merged (one link read), and a
         brand-new mirror. No link means no webhook, reconcile or sweep can reach the incident (they all find it
-        through its link) and the pull holds the tenant's lease, so nothing else syncs it meanwhile. None: it needs
-        the leased sync (a linked incident with a new version, or a link written meanwhile)."""
-        link = self.ctx.state.get_link(tenant.tenant_id, incident_id)
-        if link is not None:
+        through its link) and the pull holds the tenant's lease, so nothing else syncs it meanwhile. (None, the
+        link as read): it needs the leased sync (a linked incident with a new version, or a link written
+        meanwhile).
+
+        ``link`` :data:`NO_LINK`: the pull never stored a version of the incident, and only its hook, after storing
+        one, makes a link. Read anyway when the mirror may exist already (a wrong assumption must not merge without
+        the base); a link made meanwhile makes the create fail and the leased sync take over."""
+        if link is UNREAD_LINK or (link is NO_LINK and (
+                retry or defender is None or "_alertsError" in defender
+                or self.target.may_exist(self.target.name_for(tenant.tenant_id, incident_id), defender,
+                                         deadline=deadline))):
+            link = self.ctx.state.get_link(tenant.tenant_id, incident_id)
+        if isinstance(link, dict):
             if defender is not None and "_alertsError" not in defender and link.get("state") not in INACTIVE_LINKS \
                     and link.get("defenderVersion", "") >= canonical_time(str(defender.get("lastUpdateDateTime"))):
-                return SyncOutcome(tenant.tenant_id, incident_id, "unchanged")
-            return None
+                return SyncOutcome(tenant.tenant_id, incident_id, "unchanged"), link
+            return None, dict(link)
         return self._sync_once(tenant, incident_id, None, deadline=deadline, trigger="pull", defender=defender,
-                               blind_create=not retry)
+                               blind_create=not retry, new_links=new_links), UNREAD_LINK
 
     def _log(self, outcome: SyncOutcome, trigger: str) -> None:
         log.info("incident %s", outcome.result, extra={
@@ -200,10 +233,10 @@ class IncidentSyncer:
 
     def _sync_once(self, tenant: TenantConfig, incident_id: str, link: dict[str, Any] | None, *,
                    deadline: Deadline, trigger: str, defender: dict[str, Any] | None,
-                   blind_create: bool = False) -> SyncOutcome | None:
+                   blind_create: bool = False, new_links: list[NewLink] | None = None) -> SyncOutcome | None:
         """One attempt from the ``link`` just read; None when the link changed meanwhile (start again).
         ``blind_create``: no earlier attempt can have created the mirror, so unless the workspace listing shows it,
-        it is created without reading it first."""
+        it is created without reading it first. ``new_links``: a new link is added there instead of written."""
         state = self.ctx.state
         tid = tenant.tenant_id
         link_etag = link.pop("etag", None) if link else None
@@ -253,7 +286,7 @@ class IncidentSyncer:
                                                                            "outcome": "builtin-connector"})
                 outcome.result, outcome.reason = "ignored", "mirrored by the built-in Defender XDR connector"
                 builtin_link = {"sentinelName": str(builtin.get("name", "")), "state": LINK_BUILTIN}
-                return outcome if state.save_link(tid, incident_id, builtin_link, etag=None) else None
+                return outcome if self._create_link(tid, incident_id, builtin_link, new_links) else None
             if self.target.request_mirror(tenant, defender):
                 # defender-portal: the mirror rule makes the mirror; it is linked, then synced, when it appears.
                 outcome.result, outcome.reason = "requested", "mirror requested from the mirror analytics rule"
@@ -356,9 +389,17 @@ class IncidentSyncer:
                     "defenderComments": defender_comment_count + outcome.comments_to_defender}
         if holds:
             new_link["defenderHolds"] = holds
-        if not state.save_link(tid, incident_id, new_link, etag=link_etag):
-            return None
-        return outcome
+        saved = (self._create_link(tid, incident_id, new_link, new_links) if link_etag is None
+                 else state.save_link(tid, incident_id, new_link, etag=link_etag))
+        return outcome if saved else None
+
+    def _create_link(self, tenant_id: str, incident_id: str, link: dict[str, Any],
+                     new_links: list[NewLink] | None) -> bool:
+        """Create a new link now, or collect it for the caller to write with others (then True)."""
+        if new_links is None:
+            return self.ctx.state.save_link(tenant_id, incident_id, link, etag=None)
+        new_links.append(NewLink(incident_id, link))
+        return True
 
     def _surviving_url(self, tenant_id: str, defender: dict[str, Any]) -> str | None:
         target = defender.get("redirectIncidentId")

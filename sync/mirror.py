@@ -1,4 +1,4 @@
-"""Defender → Sentinel mirror, run from the pull cycle for every in-scope incident version."""
+"""Defender → Sentinel mirror, run from the pull cycle for every stored page of in-scope incident versions."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
 from .http import describe_error
-from .incident_sync import IncidentBusy, IncidentSyncer
+from .incident_sync import NO_LINK, UNREAD_LINK, IncidentBusy, IncidentSyncer, NewLink, SyncOutcome
 from .leases import LeaseLost
 from .models import TenantSummary
-from .pull import IncidentHook
+from .pull import HookIncident, IncidentHook
 from .settings import TenantConfig
 from .state import DeadLetter
 from .timeutil import canonical_time, parse_time, utcnow
@@ -20,15 +20,20 @@ log = logging.getLogger(__name__)
 
 
 def mirror_hook(ctx: AppContext) -> IncidentHook:
-    """The pull's per-incident hook: mirror the version just read. A failure is dead-lettered for this incident
-    (and retried by the next version, the reconcile sweep, or a re-run) instead of stopping the tenant's pull. A
-    version whose mirror failed is not tried again before its letter's backoff has passed (the overlap re-reads it
-    every run); a newer version is tried at once."""
+    """The pull's page hook: mirror the versions just stored. A failure is dead-lettered for its incident (and
+    retried by the next version, the reconcile sweep, or a re-run) instead of stopping the tenant's pull. A version
+    whose mirror failed is not tried again before its letter's backoff has passed (the overlap re-reads it every
+    run); a newer version is tried at once.
+
+    Table Storage per page: the links of incidents stored before are read concurrently (one read each, also used
+    by the leased sync of an update); an incident never stored before has no link, so none is read; the new links
+    are written at the end in transactions (name-index rows first, then the links as inserts). A link that cannot
+    be created that way is created on its own, and one that exists meanwhile is synced again against it."""
     syncer: IncidentSyncer | None = None
     # Mirror dead letters per tenant, read once: a success clears only a letter that exists (no blind deletes).
     pending: dict[str, dict[str, DeadLetter]] = {}
 
-    def hook(tenant: TenantConfig, incident: dict[str, Any], summary: TenantSummary, deadline: Deadline) -> None:
+    def hook(tenant: TenantConfig, page: list[HookIncident], summary: TenantSummary, deadline: Deadline) -> None:
         nonlocal syncer
         if syncer is None:
             syncer = IncidentSyncer(ctx)
@@ -36,37 +41,103 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
             pending[tenant.tenant_id] = {d.key: d for d in ctx.state.dead_letters(tenant.tenant_id, pending_only=True)
                                          if d.kind == "mirror"}
         letters = pending[tenant.tenant_id]
-        incident_id = str(incident.get("id"))
-        if _backing_off(letters.get(incident_id), incident):
-            return
+        todo = [h for h in page if not _backing_off(letters.get(str(h.incident.get("id"))), h.incident)]
+        links = ctx.state.get_links(tenant.tenant_id, [str(h.incident.get("id")) for h in todo if not h.unlinked])
+        run = _PageRun(ctx, syncer, tenant, summary, deadline, letters)
         try:
-            outcome = syncer.sync(tenant, incident_id, deadline=deadline, trigger="pull", defender=incident,
-                                  retry=incident_id in letters)
+            for item in todo:
+                incident_id = str(item.incident.get("id"))
+                run.attempt(item.incident, retry=incident_id in letters,
+                            link=NO_LINK if item.unlinked else links.get(incident_id))
+        except (BudgetExhausted, LeaseLost):
+            run.write_links(settle=False)  # what was mirrored keeps its link; the page is read again next run
+            run.record()
+            raise
+        run.write_links(settle=True)
+        run.record()
+
+    return hook
+
+
+class _PageRun:
+    """One page of the hook: the syncs, the new links they made, and their outcomes."""
+
+    def __init__(self, ctx: AppContext, syncer: IncidentSyncer, tenant: TenantConfig, summary: TenantSummary,
+                 deadline: Deadline, letters: dict[str, DeadLetter]) -> None:
+        self.ctx, self.syncer, self.tenant, self.summary = ctx, syncer, tenant, summary
+        self.deadline, self.letters = deadline, letters
+        self.new_links: list[NewLink] = []
+        self.outcomes: dict[str, SyncOutcome] = {}
+        self.incidents: dict[str, dict[str, Any]] = {}
+
+    def attempt(self, incident: dict[str, Any], *, retry: bool, link: Any = UNREAD_LINK,
+                new_links: bool = True) -> None:
+        """Sync one incident; a failure other than the run's end is dead-lettered."""
+        incident_id = str(incident.get("id"))
+        self.incidents[incident_id] = incident
+        try:
+            self.outcomes[incident_id] = self.syncer.sync(
+                self.tenant, incident_id, deadline=self.deadline, trigger="pull", defender=incident, retry=retry,
+                link=link, new_links=self.new_links if new_links else None)
         except (BudgetExhausted, LeaseLost):
             raise  # the run stops here; the page is read again next run
         except Exception as exc:  # any failure of one incident: never replay the page forever
-            letter = ctx.state.dead_letter(tenant.tenant_id, "mirror", incident_id, describe_error(exc),
-                                           version=str(incident.get("lastUpdateDateTime")),
-                                           backoff=not isinstance(exc, IncidentBusy))
-            letters[incident_id] = letter
-            summary.dead_lettered += 1
-            log.warning("mirror failed", extra={"tenantId": tenant.tenant_id, "incidentId": incident_id,
-                                                "action": "mirror", "outcome": "dead-lettered",
-                                                "retryCount": letter.retry_count, "error": describe_error(exc)})
-            return
-        if incident_id in letters:
-            ctx.state.resolve_dead_letter(tenant.tenant_id, "mirror", incident_id)
-            letters.pop(incident_id, None)
-        if outcome.result == "requested":
-            summary.mirror_requested += 1
-        if outcome.wrote_sentinel or outcome.result == "created":
-            summary.mirrored += 1
-        if outcome.wrote_defender:
-            summary.pushed += 1
-        if outcome.reason and outcome.result == "ignored" and outcome.reason not in summary.notes:
-            summary.notes.append(outcome.reason)
+            self.outcomes.pop(incident_id, None)
+            self._dead_letter(incident_id, incident, exc)
 
-    return hook
+    def write_links(self, *, settle: bool) -> None:
+        """Write the page's new links in transactions; those not written so are created one by one, and one that
+        exists already is synced again (``settle``; else left to the next run, which reads the page again)."""
+        links, self.new_links = {n.incident_id: n.link for n in self.new_links}, []
+        if not links:
+            return
+        try:
+            unwritten = self.ctx.state.create_links(self.tenant.tenant_id, links)
+        except Exception:
+            if not settle:
+                log.warning("the page's new links could not be written", exc_info=True,
+                            extra={"tenantId": self.tenant.tenant_id, "action": "mirror", "outcome": "links-lost"})
+                return
+            raise
+        if not settle:
+            return
+        for incident_id in unwritten:
+            incident = self.incidents[incident_id]
+            try:
+                if self.ctx.state.save_link(self.tenant.tenant_id, incident_id, links[incident_id], etag=None):
+                    continue
+            except Exception as exc:
+                self.outcomes.pop(incident_id, None)
+                self._dead_letter(incident_id, incident, exc)
+                continue
+            # Linked meanwhile: sync again against that link (under the incident's lease, from fresh reads).
+            self.attempt(incident, retry=True, new_links=False)
+
+    def record(self) -> None:
+        """Count the page's outcomes and clear the letters of the incidents now mirrored."""
+        summary = self.summary
+        for incident_id, outcome in self.outcomes.items():
+            if incident_id in self.letters:
+                self.ctx.state.resolve_dead_letter(self.tenant.tenant_id, "mirror", incident_id)
+                self.letters.pop(incident_id, None)
+            if outcome.result == "requested":
+                summary.mirror_requested += 1
+            if outcome.wrote_sentinel or outcome.result == "created":
+                summary.mirrored += 1
+            if outcome.wrote_defender:
+                summary.pushed += 1
+            if outcome.reason and outcome.result == "ignored" and outcome.reason not in summary.notes:
+                summary.notes.append(outcome.reason)
+
+    def _dead_letter(self, incident_id: str, incident: dict[str, Any], exc: Exception) -> None:
+        letter = self.ctx.state.dead_letter(self.tenant.tenant_id, "mirror", incident_id, describe_error(exc),
+                                            version=str(incident.get("lastUpdateDateTime")),
+                                            backoff=not isinstance(exc, IncidentBusy))
+        self.letters[incident_id] = letter
+        self.summary.dead_lettered += 1
+        log.warning("mirror failed", extra={"tenantId": self.tenant.tenant_id, "incidentId": incident_id,
+                                            "action": "mirror", "outcome": "dead-lettered",
+                                            "retryCount": letter.retry_count, "error": describe_error(exc)})
 
 
 def _backing_off(letter: DeadLetter | None, incident: dict[str, Any]) -> bool:

@@ -54,7 +54,20 @@ EVIDENCE_ONLY = "E:"
 # "P" + ("A" when its alert row is stored) + the missing evidence indexes, comma-separated + ":" + alert version.
 PART_STORED = re.compile(r"^P(A?)([0-9,]*):(.+)$")
 
-IncidentHook = Callable[[TenantConfig, dict[str, Any], TenantSummary, Deadline], None]
+
+
+@dataclass(frozen=True)
+class HookIncident:
+    """An incident version handed to the mirror hook. ``unlinked``: the pull had stored no version of it before this
+    step, so it has no link (only the hook makes one, after the version is stored): its link need not be read."""
+
+    incident: dict[str, Any]
+    previous: IncidentVersion | None = None   # the version stored before this step, as looked up
+    unlinked: bool = False
+
+
+#: The mirror hook: called once per stored page (after its rows and versions are stored) with its in-scope incidents.
+IncidentHook = Callable[[TenantConfig, list[HookIncident], TenantSummary, Deadline], None]
 
 
 def due_letters(letters: Iterable[DeadLetter], kinds: Iterable[str], now: datetime) -> list[DeadLetter]:
@@ -243,17 +256,30 @@ class TenantPull:
 
     def _needs_writes(self, incidents: list[dict[str, Any]]) -> bool:
         """Whether a page holds anything to store or mirror (then the lease is needed); the versions read to tell
-        are kept for :meth:`_process`. A page of incidents re-read in the overlap costs their look-ups only."""
+        are kept for :meth:`_process`. A page of incidents re-read in the overlap, stored and mirrored by a step
+        that completed, costs their look-ups only."""
         self._prefetched = None  # never another page's versions
         if not incidents:
             return False
-        if self.hook is not None and self.tenant.mirrors and any(passes_filters(self.tenant, i) for i in incidents):
-            return True
         if any(not isinstance(i, dict) or "_alertsError" in i or not self._may_be_known(i) for i in incidents):
+            return True
+        hooked = self._hooked()
+        if hooked and self._may_repeat() and any(passes_filters(self.tenant, i) for i in incidents):
             return True
         versions = self.ctx.state.get_versions(self.tenant.tenant_id, [str(i.get("id")) for i in incidents])
         self._prefetched = versions
-        return not all(_already_ingested(i, versions.get(str(i.get("id")))) for i in incidents)
+        return not all(_already_ingested(i, versions.get(str(i.get("id")))) and not (
+            hooked and _to_mirror(self.tenant, i, versions.get(str(i.get("id"))))) for i in incidents)
+
+    def _hooked(self) -> bool:
+        """Whether stored versions are handed to the mirror hook."""
+        return self.hook is not None and self.tenant.mirrors
+
+    def _may_repeat(self) -> bool:
+        """Whether this step may re-read versions a step that did not complete stored (a resumed slice, a degraded
+        read, a one-off re-read): their hook may not have run, so they are handed to it again. A resumed slice is
+        one throughout: the step that stopped may have joined more pages than the first step now reads."""
+        return self.since is not None or self._after_resume or (self._current is not None and self._current.resumed)
 
     def finish(self, outcome: str | None = None, error: str | None = None) -> TenantSummary:
         """Record the run with the cursor and give the lease back, in one ``If-Match`` write; return the summary."""
@@ -422,7 +448,7 @@ class TenantPull:
                 continue
             if letter.kind == "mirror":
                 assert self.hook is not None
-                self.hook(self.tenant, incident, self.summary, self.deadline)
+                self.hook(self.tenant, [HookIncident(incident)], self.summary, self.deadline)
                 continue
             self._after_resume = True  # an older version of it may be stored: look it up
             stored = letter.key in self._process([incident])
@@ -439,12 +465,13 @@ class TenantPull:
         versions = self._prefetched if self._prefetched is not None else store.get_versions(
             tenant.tenant_id, [str(i.get("id")) for i in incidents if self._may_be_known(i)])
         self._prefetched = None
+        hooked, repeat = self._hooked(), self._may_repeat()
         self._after_resume = False
         read_at = utcnow()
         rows: dict[str, list[dict[str, Any]]] = {"DefenderIncidents_CL": [], "DefenderAlerts_CL": [],
                                                  "DefenderEvidence_CL": []}
         pending: dict[str, IncidentVersion] = {}
-        in_scope: list[dict[str, Any]] = []
+        in_scope: list[HookIncident] = []
         for incident in incidents:
             incident_id = str(incident.get("id"))
             if "_alertsError" in incident:
@@ -452,21 +479,27 @@ class TenantPull:
                                   incident.get("lastUpdateDateTime"))
                 continue
             # The tables receive every incident; the filters decide only what is mirrored.
-            if passes_filters(tenant, incident):
-                in_scope.append(incident)
-            else:
+            previous = versions.get(incident_id)
+            in_filters = passes_filters(tenant, incident)
+            if not in_filters:
                 self.summary.filtered += 1
+            to_mirror = hooked and in_filters
             try:
-                built = self._rows_for(incident, versions.get(incident_id), read_at)
+                built = self._rows_for(incident, previous, read_at)
             except ValueError as exc:
                 self._dead_letter("incident", incident_id, f"unusable incident: {exc}",
                                   incident.get("lastUpdateDateTime"))
                 continue
+            if to_mirror and (built is not None or repeat or previous is None or not previous.mirrored):
+                # Not when its stored version was handed to the hook by a step that completed (the hook ran, or
+                # left a mirror dead letter that the letters' retry takes up).
+                in_scope.append(HookIncident(incident, previous, unlinked=previous is None))
             if built is None:
                 self.summary.skipped += 1
                 ids_seen.add(incident_id)
                 continue
             version, incident_rows, alert_rows, ev_rows = built
+            version.mirrored = to_mirror
             rows["DefenderIncidents_CL"].extend(incident_rows)
             rows["DefenderAlerts_CL"].extend(alert_rows)
             rows["DefenderEvidence_CL"].extend(ev_rows)
@@ -503,10 +536,9 @@ class TenantPull:
         if transient:
             raise IngestError(f"{len(transient)} incident(s) could not be stored in Log Analytics "
                               f"({next(iter(transient.values()))}); the page is read again next run")
-        if self.hook is not None and tenant.mirrors:
-            for incident in in_scope:
-                if str(incident.get("id")) not in failed:
-                    self.hook(tenant, incident, self.summary, self.deadline)
+        hook_page = [h for h in in_scope if str(h.incident.get("id")) not in failed]
+        if self.hook is not None and hook_page:
+            self.hook(tenant, hook_page, self.summary, self.deadline)
         return {v.incident_id for v in stored} | ids_seen
 
     def _start_slice(self, current: _Slice) -> None:
@@ -681,6 +713,12 @@ def _already_ingested(incident: dict[str, Any], previous: IncidentVersion | None
     return previous.last_update > version or (previous.last_update == version and not previous.partial)
 
 
+def _to_mirror(tenant: TenantConfig, incident: dict[str, Any], stored: IncidentVersion | None) -> bool:
+    """Whether an in-scope incident still has to be handed to the hook although this version is stored: the step
+    that stored it did not hand it over (data-only then, or outside the filters then, or an older app)."""
+    return passes_filters(tenant, incident) and not (stored is not None and stored.mirrored)
+
+
 def _held_by_another(state: TenantState, owner: str) -> bool:
     """Whether the tenant's lease (kept in its state) is held by another owner and not yet expired."""
     if not state.lease_owner or state.lease_owner == owner or not state.lease_expires_at:
@@ -691,4 +729,4 @@ def _held_by_another(state: TenantState, owner: str) -> bool:
         return False
 
 
-__all__ = ["ApiError", "BudgetExhausted", "IngestError", "LeaseLost", "TenantPull"]
+__all__ = ["ApiError", "BudgetExhausted", "HookIncident", "IncidentHook", "IngestError", "LeaseLost", "TenantPull"]

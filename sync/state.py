@@ -26,7 +26,7 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
 from .settings import StorageConfig
@@ -141,6 +141,8 @@ class IncidentVersion:
     alerts: dict[str, str] = field(default_factory=dict)
     partial: bool = False               # only some rows of this version are stored (the rest are sent again)
     incident_row_stored: bool = True
+    # The version was handed to the mirror hook by the step that stored it (older entities: False, hooked again).
+    mirrored: bool = False
 
 
 @dataclass
@@ -283,7 +285,8 @@ class StateStore:
                 pk, rk, rows, str(e.get("AlertGen", "")))
             return IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
                                    alerts=alerts, partial=bool(e.get("Partial", False)),
-                                   incident_row_stored=bool(e.get("IncidentRowStored", True)))
+                                   incident_row_stored=bool(e.get("IncidentRowStored", True)),
+                                   mirrored=bool(e.get("Mirrored", False)))
 
         return {v.incident_id: v for v in _read_pool().map(read, ids) if v is not None}
 
@@ -320,7 +323,7 @@ class StateStore:
                             extra={"tenantId": tenant_id, "incidentId": v.incident_id, "action": "state-write",
                                    "outcome": "alerts-dropped", "alerts": len(v.alerts)})
                 group = self._version_entities(pk, IncidentVersion(v.incident_id, v.last_update, {}, v.partial,
-                                                                   v.incident_row_stored))
+                                                                   v.incident_row_stored, v.mirrored))
                 assert group is not None
             groups.append(group)
         table = self.table(INCIDENTS)
@@ -338,7 +341,7 @@ class StateStore:
         rk = _key(v.incident_id)
         head: dict[str, Any] = {"PartitionKey": pk, "RowKey": rk, "IncidentId": v.incident_id,
                                 "LastUpdate": v.last_update, "Partial": v.partial,
-                                "IncidentRowStored": v.incident_row_stored}
+                                "IncidentRowStored": v.incident_row_stored, "Mirrored": v.mirrored}
         inline = {**head, **_split_json("Alerts", v.alerts)}
         try:
             check_entity(inline)
@@ -587,19 +590,19 @@ class StateStore:
             return None
         return {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
 
+    def get_links(self, tenant_id: str, incident_ids: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+        """The links of these incidents (None: no link), by concurrent point reads on the process's read pool."""
+        ids = list(dict.fromkeys(incident_ids))
+        return dict(zip(ids, _read_pool().map(lambda i: self.get_link(tenant_id, i), ids), strict=True))
+
     def save_link(self, tenant_id: str, incident_id: str, link: dict[str, Any], *, etag: str | None) -> bool:
         """Write a link; ``etag`` is the version read (None: create). False when another writer got there first."""
-        body = {k: v for k, v in link.items() if k != "etag"}
-        entity: dict[str, Any] = {"PartitionKey": _key(tenant_id), "RowKey": _key(incident_id),
-                                  "IncidentId": incident_id, "SentinelName": str(body.get("sentinelName", ""))}
-        entity.update(_split_json("Link", body))
-        check_entity(entity)
+        entity = _link_entity(tenant_id, incident_id, link)
         table = self.table(LINKS)
         try:
             if etag is None:
                 # The name index first: a crash in between leaves an index row that points at no link (harmless).
-                table.upsert_entity({"PartitionKey": NAME_INDEX, "RowKey": _key(entity["SentinelName"].lower()),
-                                     "TenantId": tenant_id, "IncidentId": incident_id}, mode=UpdateMode.REPLACE)
+                table.upsert_entity(_name_index_entity(tenant_id, incident_id, entity), mode=UpdateMode.REPLACE)
                 table.create_entity(entity)
             else:
                 table.update_entity(entity, mode=UpdateMode.REPLACE, etag=etag,
@@ -607,6 +610,25 @@ class StateStore:
         except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
             return False
         return True
+
+    def create_links(self, tenant_id: str, links: dict[str, dict[str, Any]]) -> list[str]:
+        """Create new links (incident ID -> link) in transactions: their name-index rows first (upserts in the index
+        partition, so a crash in between leaves index rows pointing at no link: harmless), then the links (inserts
+        in the tenant's partition: a transaction is refused whole if any of its links exists). Returns the IDs of
+        the links not written (their transaction was refused or failed): the caller creates those one by one."""
+        table = self.table(LINKS)
+        table_url = f"{table.scheme}://{table._primary_hostname}/{table.table_name}"
+        entities = {i: _link_entity(tenant_id, i, link) for i, link in links.items()}
+        index = [(e, entity_json(e)) for e in (_name_index_entity(tenant_id, i, entities[i]) for i in entities)]
+        unwritten: list[str] = []
+        writable: set[str] = set()
+        for ok, batch in _transactions(table, table_url, index, insert=False):
+            (writable.update if ok else unwritten.extend)(str(e["IncidentId"]) for e, _ in batch)
+        rows = [(e, entity_json(e)) for i, e in entities.items() if i in writable]
+        for ok, batch in _transactions(table, table_url, rows, insert=True):
+            if not ok:
+                unwritten.extend(str(e["IncidentId"]) for e, _ in batch)
+        return unwritten
 
     def find_link_by_sentinel_name(self, sentinel_name: str) -> tuple[str, str, dict[str, Any]] | None:
         """(tenant ID, incident ID, link) for a Sentinel incident name, or None if the app does not mirror it."""
@@ -626,6 +648,37 @@ class StateStore:
             params["after"] = _key(after)
         for e in self.table(LINKS).query_entities(query, parameters=params):
             yield str(e["IncidentId"]), {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
+
+
+def _link_entity(tenant_id: str, incident_id: str, link: dict[str, Any]) -> dict[str, Any]:
+    """The links-table entity of a link (its ``etag`` is not stored)."""
+    body = {k: v for k, v in link.items() if k != "etag"}
+    entity: dict[str, Any] = {"PartitionKey": _key(tenant_id), "RowKey": _key(incident_id),
+                              "IncidentId": incident_id, "SentinelName": str(body.get("sentinelName", ""))}
+    entity.update(_split_json("Link", body))
+    check_entity(entity)
+    return entity
+
+
+def _name_index_entity(tenant_id: str, incident_id: str, link_entity: dict[str, Any]) -> dict[str, Any]:
+    """The name-index row of a link: its Sentinel incident name (lower case) -> tenant and incident."""
+    return {"PartitionKey": NAME_INDEX, "RowKey": _key(str(link_entity["SentinelName"]).lower()),
+            "TenantId": tenant_id, "IncidentId": incident_id}
+
+
+def _transactions(table: TableClient, table_url: str, ops: list[tuple[dict[str, Any], str]], *, insert: bool
+                  ) -> Iterator[tuple[bool, list[tuple[dict[str, Any], str]]]]:
+    """Submit ``ops`` (entity, JSON) of one partition in transactions within the service's limits; yields
+    (whether it was written, its operations) per transaction. A refused or failed one writes nothing."""
+    for batch in split_batches([[op] for op in ops], lambda op: len(op[1]) + operation_overhead(table_url, op[0])):
+        try:
+            submit_upserts(table, batch, insert=insert)
+        except AzureError as exc:
+            log.info("link transaction not written; its links are created one by one", extra={
+                "action": "state-write", "outcome": "batch-failed", "operations": len(batch), "error": str(exc)[:300]})
+            yield False, batch
+            continue
+        yield True, batch
 
 
 def _marker_key(kind: str, tenant_id: str) -> tuple[str, str]:

@@ -1,12 +1,24 @@
-"""Mirror and reconcile cost: the workspace index answers from one listing, the sweep leaves old closed links."""
+"""Mirror and reconcile cost: the workspace index answers from one listing, the sweep leaves old closed links, and
+the Table Storage and Sentinel requests per new mirror, per update and per quiet re-read stay as measured."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import requests.adapters
+from conftest import apply_settings
+from harness import run_timer
 
 from sync.budget import Deadline
 from sync.pushback import RECENTLY_CLOSED_DAYS, sweep_skips
+from sync.state import LINKS
 from sync.targets.sentinel_api import WorkspaceIndex
 from sync.timeutil import format_time, utcnow
 
@@ -49,3 +61,72 @@ def test_the_sweep_leaves_links_closed_long_ago_and_reads_open_or_recent_ones() 
     assert not sweep_skips({"base": closed, "defenderVersion": old, "sentinelModified": recent}, now)
     assert not sweep_skips({"base": {"status": "active"}, "defenderVersion": old, "sentinelModified": old}, now)
     assert not sweep_skips({"base": closed, "defenderVersion": old}, now), "unknown time: read it"
+
+
+# --------------------------------------------------------------------------------- requests per mirrored incident
+
+class TableRequests:
+    """Table Storage and Sentinel requests the app makes, counted where every HTTP request goes (``requests``'
+    adapter: azure-core's transport and the app's ARM session)."""
+
+    def __init__(self, settings: dict[str, str]) -> None:
+        connection = next(v for v in settings.values() if "TableEndpoint=" in v)
+        table = dict(p.split("=", 1) for p in connection.split(";") if "=" in p)["TableEndpoint"]
+        self.table, self.arm = urlsplit(table).netloc.lower(), urlsplit(settings["ARM_ENDPOINT"]).netloc.lower()
+        self.calls: list[tuple[str, str, str]] = []   # (service, method, path)
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        original = requests.adapters.HTTPAdapter.send
+
+        def send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            url = urlsplit(request.url)
+            service = {self.table: "table", self.arm: "sentinel"}.get(url.netloc.lower(), "other")
+            self.calls.append((service, str(request.method), unquote(url.path)))
+            return original(adapter, request, *args, **kwargs)
+
+        requests.adapters.HTTPAdapter.send = send  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            requests.adapters.HTTPAdapter.send = original  # type: ignore[method-assign]
+
+    def run(self) -> dict[str, int]:
+        """One pull; its requests by service, and ``links``: point reads and writes of the links table."""
+        self.calls.clear()
+        run_timer("defender_pull")
+        out = Counter(service for service, _, _ in self.calls)
+        out["links"] = sum(1 for service, _, path in self.calls if service == "table" and f"/{LINKS}(" in path)
+        return dict(out)
+
+
+def test_table_and_sentinel_requests_per_mirrored_incident(emulators: Any, make_app_settings: Any,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    world = emulators.world
+    tenant = world.add_tenant(name="Cost")
+    settings = make_app_settings([tenant], SYNC_TENANTS=json.dumps({tenant: {"name": "Cost", "mode": "sync"}}))
+    apply_settings(monkeypatch, settings)
+    counter = TableRequests(settings)
+    n = 60
+    with counter.counting():
+        counter.run()   # tokens, tables, an empty window
+        for i in range(n):
+            world.add_incident(tenant, {"id": str(5000 + i), "displayName": f"Incident {i}", "severity": "high",
+                                        "status": "active", "alerts": [{"title": "A", "severity": "high"}]})
+        new = counter.run()
+        for i in range(n):
+            world.update_incident(tenant, str(5000 + i), {"status": "inProgress"})
+        update = counter.run()
+        quiet = counter.run()
+    assert emulators.sentinel.writes(kind="incident") == 2 * n
+    # New mirrors: no link read (never stored before), the links written in transactions with their name index.
+    assert new["links"] == 0, new
+    assert new["table"] <= 0.2 * n, new
+    assert new["sentinel"] <= 1.05 * n, new
+    # Updates: one link read (the leased sync uses it), the incident's lease, the link write.
+    assert update["links"] == 2 * n, update
+    assert update["table"] <= 5 * n + 10, update
+    assert update["sentinel"] <= 2 * n, update
+    # Nothing changed: the overlap re-reads the versions only (already mirrored: the hook is not run).
+    assert quiet["links"] == 0 and quiet.get("sentinel", 0) == 0, quiet
+    assert quiet["table"] <= n + 3, quiet
