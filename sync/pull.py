@@ -405,6 +405,7 @@ class TenantPull:
         self.summary.cursor_after = state.cursor
         self._pages = None
         self._current = None
+        self._slice_read = False
 
     def _checkpoint(self, position: KeysetPosition | None) -> None:
         assert self._state is not None and self._current is not None

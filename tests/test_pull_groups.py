@@ -78,3 +78,26 @@ def test_a_failure_reading_on_stores_the_pages_read_and_ends_the_next_step(
     assert again.finish("success").outcome == "success"
     ids = [r["IncidentId"] for r in world.rows("DefenderIncidents_CL")]
     assert len(ids) == len(set(ids)) == 25, "resumed after the stored page: every incident once"
+
+
+def test_a_slice_after_one_finished_by_reading_on_is_read_to_its_end(
+        emulators: Any, one_tenant: Any) -> None:
+    """A run first finishes a paused slice (its end found while reading on, in the step that stores its last
+    pages) and then reads a new window of several steps: every page of that window is stored before the cursor
+    moves. Ending the second slice with the first one's end would move the cursor past pages never read."""
+    world, tenant = one_tenant("Two slices", 13, 300, SYNC_GRAPH_PAGE_SIZE="50")
+    ctx = get_context()
+    ctx.state.ensure_tables()
+    paused = TenantPull(ctx, ctx.settings.tenants[0], deadline=Deadline(120))
+    assert paused.start() and step_until_stored(paused, emulators), "one step of the backlog, then a pause"
+    assert paused.finish("partial").outcome == "partial"
+    for incident_id in world.incident_ids(tenant):  # more than one step's worth in the new window
+        world.update_incident(tenant, incident_id, {"severity": "high"})
+    pull = TenantPull(ctx, ctx.settings.tenants[0], deadline=Deadline(120))
+    assert pull.start()
+    while pull.step():
+        pass
+    assert pull.finish("success").outcome == "success"
+    stored = {(r["IncidentId"], r["LastUpdateDateTime"]) for r in world.rows("DefenderIncidents_CL")}
+    current = {(i, world.get_incident(tenant, i)["lastUpdateDateTime"]) for i in world.incident_ids(tenant)}
+    assert not current - stored, f"{len(current - stored)} current versions never stored"
