@@ -45,6 +45,10 @@ STEP_INCIDENTS = 150
 #: ... and at most this long reading them: the runner interleaves tenants a step at a time, so with small pages or a
 #: slow Graph a big backlog's step must not take the time of the other tenants' turns (a short budget serves them all).
 STEP_READ_SECONDS = 2.0
+#: Versions kept in the tenant's state (``TenantState.recent``) so the overlap's re-reads need no Table read: a
+#: one-minute schedule re-reads the last few minutes' updates every run. About 15 KB of the state entity.
+RECENT_VERSIONS = 300
+MIRRORED_MARK = "*"
 DEAD_LETTER_RETRIES_PER_RUN = 20
 # Graph's clock may lag ours: an update time this close to the run's start counts as "during the run".
 MIN_CLOCK_MARGIN_SECONDS = 300.0
@@ -266,6 +270,8 @@ class TenantPull:
         hooked = self._hooked()
         if hooked and self._may_repeat() and any(passes_filters(self.tenant, i) for i in incidents):
             return True
+        if self._all_recent(incidents):
+            return False
         versions = self.ctx.state.get_versions(self.tenant.tenant_id, [str(i.get("id")) for i in incidents])
         self._prefetched = versions
         return not all(_already_ingested(i, versions.get(str(i.get("id")))) and not (
@@ -540,7 +546,37 @@ class TenantPull:
         hook_page = [h for h in in_scope if str(h.incident.get("id")) not in failed]
         if self.hook is not None and hook_page:
             self.hook(tenant, hook_page, self.summary, self.deadline)
+        self._remember(stored)
         return {v.incident_id for v in stored} | ids_seen
+
+    def _remember(self, stored: list[IncidentVersion]) -> None:
+        """Keep the versions this step stored in full (and handed to the hook) in the tenant's state, written with
+        the step's checkpoint: the next runs' overlap re-reads them, and :meth:`_all_recent` answers those."""
+        assert self._state is not None
+        recent = self._state.recent
+        for v in stored:
+            recent[v.incident_id] = v.last_update + (MIRRORED_MARK if v.mirrored else "")
+        if len(recent) > RECENT_VERSIONS:
+            kept = sorted(recent.items(), key=lambda item: item[1].rstrip(MIRRORED_MARK))[-RECENT_VERSIONS:]
+            self._state.recent = dict(kept)
+
+    def _all_recent(self, incidents: list[dict[str, Any]]) -> bool:
+        """Whether every incident of the page is a version a completed step stored in full (and handed to the hook
+        when the tenant mirrors it now): nothing to store or mirror, known without reading the versions."""
+        assert self._state is not None
+        recent, hooked = self._state.recent, self._hooked()
+        for incident in incidents:
+            entry = recent.get(str(incident.get("id")))
+            if entry is None:
+                return False
+            try:
+                if canonical_time(str(incident.get("lastUpdateDateTime"))) > entry.rstrip(MIRRORED_MARK):
+                    return False
+            except ValueError:
+                return False
+            if hooked and passes_filters(self.tenant, incident) and not entry.endswith(MIRRORED_MARK):
+                return False
+        return True
 
     def _start_slice(self, current: _Slice) -> None:
         """Record that a slice is being read before its first page is stored (with the lease's write when this run

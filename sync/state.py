@@ -129,6 +129,9 @@ class TenantState:
     letters_tracked: bool = False             # the due-time row is kept for this tenant (older states: query)
     letters_due_at: str | None = None         # earliest pending pull letter's next attempt; None: none pending
     letters_etag: str | None = None           # the due-time row as read (None: absent)
+    # Incident ID -> version (canonical time; "*" appended when it was handed to the mirror hook) stored in full by
+    # the latest completed steps: the overlap re-reads these every run, and this answers them without a Table read.
+    recent: dict[str, str] = field(default_factory=dict)
     etag: str | None = None
 
 
@@ -231,6 +234,8 @@ class StateStore:
         state.lease_owner = e.get("LeaseOwner") or None
         state.lease_expires_at = e.get("LeaseExpiresAt") or None
         state.letters_tracked = bool(e.get("LettersTracked", False))
+        recent = _join_json("Recent", e, {})
+        state.recent = {str(k): str(v) for k, v in recent.items()} if isinstance(recent, dict) else {}
         state.etag = e.metadata.get("etag")
         return state
 
@@ -247,6 +252,8 @@ class StateStore:
         }
         entity.update(_split_json("Position", state.position))
         entity.update(_split_json("LastRun", state.last_run))
+        if state.recent:
+            entity.update(_split_json("Recent", state.recent))
         check_entity(entity)  # a clear error naming the limit instead of the service's 400
         table = self.table(TENANTS)
         try:

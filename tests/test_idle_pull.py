@@ -58,6 +58,32 @@ def test_an_idle_run_costs_one_graph_request_and_two_table_operations(
     assert status.last_run and status.last_run["outcome"] == "success" and status.lease_owner is None
 
 
+def test_an_idle_run_re_reading_the_overlap_still_costs_two_table_operations(
+        emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch, table_calls: Counter[str]) -> None:
+    """The overlap re-reads the last minutes' updates every run (mirrored ones here): the versions the last steps
+    stored are kept in the tenant's state, so re-reading them needs no Table read. A newer version is still seen."""
+    world = emulators.world
+    tenant = world.add_tenant(name="Recent")
+    world.generate(7, tenant, 8)
+    apply_settings(monkeypatch, make_app_settings([tenant]))  # mirrored, default overlap
+    run_timer("defender_pull")
+    changed = world.incident_ids(tenant)[:3]
+    for incident_id in changed:
+        world.update_incident(tenant, incident_id, {"severity": "high"})
+    run_timer("defender_pull")
+    assert len(world.rows("DefenderIncidents_CL")) == 11
+    for _ in range(2):
+        lists0 = graph_lists(emulators)
+        table_calls.clear()
+        run_timer("defender_pull")
+        assert graph_lists(emulators) - lists0 == 1
+        assert sum(table_calls.values()) <= 2, f"an idle run re-reading 3 incidents: {dict(table_calls)}"
+    assert len(world.rows("DefenderIncidents_CL")) == 11, "nothing stored twice"
+    world.update_incident(tenant, changed[0], {"severity": "low"})
+    run_timer("defender_pull")
+    assert len(world.rows("DefenderIncidents_CL")) == 12, "a newer version of a remembered incident is stored"
+
+
 def test_the_lease_in_the_tenant_state_keeps_a_second_instance_out(
         emulators: Any, one_tenant: Any) -> None:
     world, tenant = one_tenant("Busy", 6, 400, SYNC_GRAPH_PAGE_SIZE="50")  # three steps of 150 at most
@@ -102,7 +128,7 @@ def test_a_page_never_uses_the_versions_read_for_the_page_before() -> None:
     from types import SimpleNamespace
 
     from sync.pull import TenantPull
-    from sync.state import IncidentVersion
+    from sync.state import IncidentVersion, TenantState
 
     stamp = "2025-01-01T00:00:00.0000000Z"
     known = {i: IncidentVersion(i, stamp) for i in ("1", "2", "3")}
@@ -112,6 +138,7 @@ def test_a_page_never_uses_the_versions_read_for_the_page_before() -> None:
     pull.tenant = SimpleNamespace(tenant_id="t", mirrors=False)  # type: ignore[assignment]
     pull.hook = None
     pull._prefetched = None
+    pull._state = TenantState("t")  # nothing remembered: the versions are looked up
     pull._may_be_known = lambda _incident: True  # type: ignore[method-assign]
 
     def incident(i: str) -> dict[str, str]:

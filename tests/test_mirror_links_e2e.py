@@ -112,6 +112,11 @@ def test_an_older_version_entity_without_the_mark_is_handed_to_the_hook(env: Env
     entity = table.get_entity(_key(a), "3401")
     del entity["Mirrored"]   # as an older app stored it
     table.update_entity(entity, mode=sync.state.UpdateMode.REPLACE)
+    tenants = get_context().state.table(sync.state.TENANTS)
+    progress = tenants.get_entity("tenant", _key(a))
+    for name in [k for k in progress if k.startswith("Recent")]:
+        del progress[name]  # nor did it remember recent versions in the tenant's state
+    tenants.update_entity(progress, mode=sync.state.UpdateMode.REPLACE)
     get_context().state.table(sync.state.LINKS).delete_entity(_key(a), "3401")
     run_timer("defender_pull")
     assert "3401" in _links(a), "hooked again: linked"
