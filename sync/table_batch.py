@@ -1,4 +1,4 @@
-"""Table Storage transactions of upserts or inserts (``$batch``), written directly.
+"""Table Storage transactions (``$batch``) of upserts, inserts, and If-Match replaces and deletes, written directly.
 
 azure-data-tables builds a transaction's ``multipart/mixed`` body with the email package and parses the answer
 the same way, starting thread pools for both: about 15 ms of CPU per 50 entities, as much as the rest of a page's
@@ -16,6 +16,7 @@ import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -24,7 +25,9 @@ from azure.core.rest import HttpRequest
 from azure.data.tables import TableClient
 
 _INT32 = (-(2**31), 2**31 - 1)
+_METHODS = {"upsert": "PUT", "insert": "POST", "replace": "PUT", "delete": "DELETE"}
 _PART_STATUS = re.compile(rb"^HTTP/1\.1 (\d{3})", re.MULTILINE)
+_ETAG = re.compile(rb"^ETag:\s*(.+?)\r?$", re.MULTILINE | re.IGNORECASE)
 _ERROR_CODE = re.compile(rb'"code"\s*:\s*"([^"]*)"')
 _ERROR_TEXT = re.compile(rb'"value"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
@@ -60,15 +63,42 @@ def upsert_body(table_url: str, version: str, entities: Sequence[tuple[Mapping[s
                 insert: bool = False) -> tuple[str, bytes]:
     """(batch boundary, body) of one transaction replacing-or-inserting ``entities`` (each with its JSON text);
     ``insert``: creating them instead (the transaction then fails if any of them exists)."""
+    kind = "insert" if insert else "upsert"
+    return batch_body(table_url, version, [Operation(kind, entity, text) for entity, text in entities])
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation of a transaction. ``kind``: ``upsert`` (insert or replace), ``insert`` (refused if the entity
+    exists), ``replace`` (refused unless the entity is at ``etag``) or ``delete`` (likewise; ``text`` unused)."""
+
+    kind: str
+    entity: Mapping[str, Any]
+    text: str = ""
+    etag: str | None = None
+
+
+def batch_body(table_url: str, version: str, operations: Sequence[Operation]) -> tuple[str, bytes]:
+    """(batch boundary, body) of one transaction (one changeset) of ``operations``."""
     batch, changeset = f"batch_{uuid.uuid4()}", f"changeset_{uuid.uuid4()}"
     parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"]
-    for index, (entity, text) in enumerate(entities):
-        target = (f"POST {table_url} HTTP/1.1\r\nPrefer: return-no-content\r\n" if insert else
-                  f"PUT {table_url}(PartitionKey='{_key(entity.get('PartitionKey'))}',"
-                  f"RowKey='{_key(entity.get('RowKey'))}') HTTP/1.1\r\n")
+    for index, op in enumerate(operations):
+        if op.kind not in _METHODS:
+            raise ValueError(f"unknown transaction operation {op.kind!r}; one of {sorted(_METHODS)}")
+        if op.kind in ("replace", "delete") and not op.etag:
+            raise ValueError(f"a {op.kind} operation needs the ETag the entity was read at")
+        address = table_url if op.kind == "insert" else (
+            f"{table_url}(PartitionKey='{_key(op.entity.get('PartitionKey'))}',"
+            f"RowKey='{_key(op.entity.get('RowKey'))}')")
+        headers = f"{_METHODS[op.kind]} {address} HTTP/1.1\r\n"
+        if op.kind == "insert":
+            headers += "Prefer: return-no-content\r\n"
+        if op.etag:
+            headers += f"If-Match: {op.etag}\r\n"
+        text = "" if op.kind == "delete" else op.text
         parts.append(
             f"--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-            f"Content-ID: {index}\r\n\r\n{target}"
+            f"Content-ID: {index}\r\n\r\n{headers}"
             f"Content-Type: application/json\r\nContent-Length: {len(text)}\r\nx-ms-version: {version}\r\n"
             f"DataServiceVersion: 3.0\r\nAccept: application/json\r\n\r\n{text}\r\n")
     parts.append(f"--{changeset}--\r\n\r\n--{batch}--\r\n")
@@ -97,20 +127,49 @@ def submit_upserts(table: TableClient, entities: Sequence[tuple[Mapping[str, Any
     partition; raises :class:`~azure.core.exceptions.HttpResponseError` when the service refuses any of them (then
     none is written). ``insert``: create them instead, so the transaction is refused if any of them exists. The
     caller keeps the service's limits (100 operations, 4 MiB)."""
-    if not entities:
-        return
+    kind = "insert" if insert else "upsert"
+    submit(table, [Operation(kind, entity, text) for entity, text in entities])
+
+
+def submit(table: TableClient, operations: Sequence[Operation]) -> list[str | None]:
+    """One transaction of ``operations`` in one partition; returns each operation's new ETag (None for a delete,
+    or when the answer names none). Raises :class:`~azure.core.exceptions.HttpResponseError` when the service
+    refuses any of them (then none is done): ``status_code`` 412 or 404 when an ``If-Match`` found the entity
+    changed or gone, 409 when an insert found it existing. The caller keeps the service's limits."""
+    if not operations:
+        return []
     base = f"{table.scheme}://{table._primary_hostname}"  # the host (and account path) the SDK uses
     version = str(table.api_version)
-    boundary, body = upsert_body(f"{base}/{quote(table.table_name)}", version, entities, insert=insert)
+    boundary, body = batch_body(f"{base}/{quote(table.table_name)}", version, operations)
     request = HttpRequest("POST", f"{base}/$batch", headers={
         "x-ms-version": version, "DataServiceVersion": "3.0", "MaxDataServiceVersion": "3.0;NetFx",
         "Content-Type": f"multipart/mixed; boundary={boundary}", "Accept": "application/json"}, content=body)
     # stream=True: the pipeline would otherwise try to decode a multipart answer as JSON (as the SDK does).
     response = table._client.send_request(request, stream=True)  # its pipeline: auth, retries
-    problem = check_answer(response.status_code, response.read(), len(entities))
+    answer = response.read()
+    problem = check_answer(response.status_code, answer, len(operations))
     if problem is not None:
-        raise HttpResponseError(message=f"Table transaction on {table.table_name} refused: {problem}",
-                                response=response)
+        error = HttpResponseError(message=f"Table transaction on {table.table_name} refused: {problem}",
+                                  response=response)
+        failed = _PART_STATUS.search(answer) if response.status_code == 202 else None
+        if failed is not None:
+            error.status_code = int(failed.group(1))  # the refused operation's status, not the envelope's 202
+        raise error
+    etags = part_etags(answer)
+    return [None if op.kind == "delete" else (etags[i] if i < len(etags) else None)
+            for i, op in enumerate(operations)]
 
 
-__all__ = ["check_answer", "entity_json", "operation_overhead", "submit_upserts", "upsert_body"]
+def part_etags(body: bytes) -> list[str | None]:
+    """The ``ETag`` header of each part of a transaction's answer, in order (None where a part has none)."""
+    starts = [m.start() for m in _PART_STATUS.finditer(body)]
+    out: list[str | None] = []
+    for n, start in enumerate(starts):
+        part = body[start:starts[n + 1] if n + 1 < len(starts) else len(body)]
+        found = _ETAG.search(part)
+        out.append(found.group(1).decode("ascii", "replace").strip() if found else None)
+    return out
+
+
+__all__ = ["Operation", "batch_body", "check_answer", "entity_json", "operation_overhead", "part_etags", "submit",
+           "submit_upserts", "upsert_body"]

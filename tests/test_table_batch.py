@@ -7,7 +7,7 @@ import pytest
 from azure.core.exceptions import HttpResponseError
 from azure.data.tables import TableServiceClient
 
-from sync.table_batch import check_answer, entity_json, submit_upserts
+from sync.table_batch import Operation, check_answer, entity_json, submit, submit_upserts
 
 
 def test_upserts_read_back_like_the_sdks_entities(storage: str) -> None:
@@ -41,3 +41,29 @@ def test_answers_are_read_part_by_part() -> None:
     assert check_answer(202, refused, 2) == "HTTP 400 EntityTooLarge: 1:big"
     with pytest.raises(TypeError, match="'When'"):
         entity_json({"When": 1.5})
+
+
+def test_if_match_replaces_and_deletes_use_the_etags_the_transaction_answered(storage: str) -> None:
+    table = TableServiceClient.from_connection_string(storage).create_table_if_not_exists("batchcheck")
+    rows = [{"PartitionKey": "m", "RowKey": f"r{n}", "N": n} for n in range(3)]
+    created = submit(table, [Operation("insert", r, entity_json(r)) for r in rows])
+    assert all(created) and [table.get_entity("m", r["RowKey"]).metadata["etag"] for r in rows] == created
+    with pytest.raises(HttpResponseError) as exists:
+        submit(table, [Operation("insert", rows[0], entity_json(rows[0]))])
+    assert exists.value.status_code == 409
+    changed = [{**r, "N": 10 + r["N"]} for r in rows]
+    replaced = submit(table, [Operation("replace", r, entity_json(r), etag)
+                              for r, etag in zip(changed, created, strict=True)])
+    assert [table.get_entity("m", r["RowKey"])["N"] for r in rows] == [10, 11, 12]
+    stale = [Operation("replace", r, entity_json(r), etag)
+             for r, etag in zip(rows, [replaced[0], *created[1:]], strict=True)]
+    with pytest.raises(HttpResponseError) as refused:
+        submit(table, stale)   # the second row's ETag is stale: nothing is written
+    assert refused.value.status_code == 412
+    assert [table.get_entity("m", r["RowKey"])["N"] for r in rows] == [10, 11, 12]
+    with pytest.raises(HttpResponseError):
+        submit(table, [Operation("delete", r, etag=etag)
+                       for r, etag in zip(rows, [created[0], *replaced[1:]], strict=True)])
+    deleted = submit(table, [Operation("delete", r, etag=etag) for r, etag in zip(rows, replaced, strict=True)])
+    assert deleted == [None] * 3
+    assert list(table.query_entities("PartitionKey eq 'm'")) == []
