@@ -88,6 +88,25 @@ class NewLink:
     link: dict[str, Any]
 
 
+@dataclass
+class LinkSave:
+    """A link a sync under the mirror page's lease wrote back: saved by the hook with the page's others, each
+    ``If-Match`` the ``etag`` the sync read it at (``StateStore.replace_links``)."""
+
+    incident_id: str
+    link: dict[str, Any]
+    etag: str
+
+
+def needs_leased_sync(link: Any, defender: dict[str, Any] | None) -> bool:
+    """Whether a pull's sync of a linked incident needs the incident's lease: the link (as read) is not known to
+    hold this Defender version already (an update, an inactive link, or alerts that could not be read)."""
+    if not isinstance(link, dict):
+        return False
+    return not (defender is not None and "_alertsError" not in defender and link.get("state") not in INACTIVE_LINKS
+                and link.get("defenderVersion", "") >= canonical_time(str(defender.get("lastUpdateDateTime"))))
+
+
 class IncidentBusy(ApiError):
     """Another worker is syncing this incident right now; try again later (nothing was read or written)."""
 
@@ -158,7 +177,7 @@ class IncidentSyncer:
     @traced_incident_sync  # sync.incident span: tenantId, incidentId, trigger, result
     def sync(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline, trigger: str,
              defender: dict[str, Any] | None = None, retry: bool = False, link: Any = UNREAD_LINK,
-             new_links: list[NewLink] | None = None) -> SyncOutcome:
+             new_links: list[NewLink] | None = None, leased_saves: list[LinkSave] | None = None) -> SyncOutcome:
         """Bring one incident's two sides together (see the module docstring), holding the incident's lease.
         Raises :class:`IncidentBusy` when another worker holds it, ApiError on I/O failure. ``retry``: an earlier
         attempt for this incident failed (it may have created the mirror before it failed).
@@ -166,7 +185,9 @@ class IncidentSyncer:
         The pull's page-level hook passes what it knows: ``link`` as it read it (None: absent; :data:`NO_LINK`:
         known absent, not read), used for the first attempt (the link write's ``If-Match`` still guards it);
         ``new_links`` collects the links a sync without the lease would create, for the hook to write in
-        transactions (their creates still fail if a link exists)."""
+        transactions (their creates still fail if a link exists). ``leased_saves``: the caller holds the incident's
+        lease already (the hook's page lease) and collects the link writes (with the ETag read) there, to write
+        them with the page's others before it gives the lease back."""
         if not tenant.mirrors:
             # A data-only tenant is never written in Sentinel nor Defender, whatever links an older mode left.
             ignored = SyncOutcome(tenant.tenant_id, incident_id, "ignored",
@@ -179,6 +200,9 @@ class IncidentSyncer:
             if outcome is not None:
                 self._log(outcome, trigger)
                 return outcome
+        if leased_saves is not None:
+            return self._sync_leased(tenant, incident_id, link, deadline=deadline, trigger=trigger,
+                                     defender=defender, link_saves=leased_saves)
         owner = f"{self.ctx.instance_id}-{uuid.uuid4().hex[:8]}"
         wait = BUSY_WAIT_SECONDS.get(trigger, DEFAULT_BUSY_WAIT_SECONDS)
         with lease(self.ctx.state, tenant.tenant_id, f"incident:{incident_id}", owner, INCIDENT_LEASE_SECONDS,
@@ -188,15 +212,21 @@ class IncidentSyncer:
                     "tenantId": tenant.tenant_id, "incidentId": incident_id, "action": f"sync-{trigger}",
                     "outcome": "busy"})
                 raise IncidentBusy(f"incident {incident_id} is being synced by another worker; will retry later")
-            for _ in range(MAX_LINK_RACES):
-                if not isinstance(link, dict):  # a link known absent is read again under the lease
-                    link = self.ctx.state.get_link(tenant.tenant_id, incident_id)
-                outcome = self._sync_once(tenant, incident_id, link, deadline=deadline, trigger=trigger,
-                                          defender=defender)
-                if outcome is not None:
-                    self._log(outcome, trigger)
-                    return outcome
-                defender, link = None, UNREAD_LINK  # another worker synced it meanwhile: start again from fresh reads
+            return self._sync_leased(tenant, incident_id, link, deadline=deadline, trigger=trigger,
+                                     defender=defender, link_saves=None)
+
+    def _sync_leased(self, tenant: TenantConfig, incident_id: str, link: Any, *, deadline: Deadline, trigger: str,
+                     defender: dict[str, Any] | None, link_saves: list[LinkSave] | None) -> SyncOutcome:
+        """The sync under the incident's lease: again from fresh reads while another writer changes the link."""
+        for _ in range(MAX_LINK_RACES):
+            if not isinstance(link, dict):  # a link known absent is read again under the lease
+                link = self.ctx.state.get_link(tenant.tenant_id, incident_id)
+            outcome = self._sync_once(tenant, incident_id, link, deadline=deadline, trigger=trigger,
+                                      defender=defender, link_saves=link_saves)
+            if outcome is not None:
+                self._log(outcome, trigger)
+                return outcome
+            defender, link = None, UNREAD_LINK  # another worker synced it meanwhile: start again from fresh reads
         raise ApiError(f"incident {incident_id}: the link kept changing under concurrent syncs; will retry later")
 
     def _pull_without_lease(self, tenant: TenantConfig, incident_id: str, *, deadline: Deadline,
@@ -217,8 +247,7 @@ class IncidentSyncer:
                                          deadline=deadline))):
             link = self.ctx.state.get_link(tenant.tenant_id, incident_id)
         if isinstance(link, dict):
-            if defender is not None and "_alertsError" not in defender and link.get("state") not in INACTIVE_LINKS \
-                    and link.get("defenderVersion", "") >= canonical_time(str(defender.get("lastUpdateDateTime"))):
+            if not needs_leased_sync(link, defender):
                 return SyncOutcome(tenant.tenant_id, incident_id, "unchanged"), link
             return None, dict(link)
         return self._sync_once(tenant, incident_id, None, deadline=deadline, trigger="pull", defender=defender,
@@ -233,10 +262,12 @@ class IncidentSyncer:
 
     def _sync_once(self, tenant: TenantConfig, incident_id: str, link: dict[str, Any] | None, *,
                    deadline: Deadline, trigger: str, defender: dict[str, Any] | None,
-                   blind_create: bool = False, new_links: list[NewLink] | None = None) -> SyncOutcome | None:
+                   blind_create: bool = False, new_links: list[NewLink] | None = None,
+                   link_saves: list[LinkSave] | None = None) -> SyncOutcome | None:
         """One attempt from the ``link`` just read; None when the link changed meanwhile (start again).
         ``blind_create``: no earlier attempt can have created the mirror, so unless the workspace listing shows it,
-        it is created without reading it first. ``new_links``: a new link is added there instead of written."""
+        it is created without reading it first. ``new_links``: a new link is added there instead of written;
+        ``link_saves``: so is the write of an existing link."""
         state = self.ctx.state
         tid = tenant.tenant_id
         link_etag = link.pop("etag", None) if link else None
@@ -254,7 +285,7 @@ class IncidentSyncer:
                 return outcome
             link["state"] = LINK_GONE
             outcome.result, outcome.reason = "ignored", "defender incident is gone (404); link ended"
-            return outcome if state.save_link(tid, incident_id, link, etag=link_etag) else None
+            return outcome if self._save_link(tid, incident_id, link, link_etag, link_saves) else None
         version = canonical_time(str(defender.get("lastUpdateDateTime")))
         if (trigger == "pull" and link is not None and link.get("defenderVersion", "") >= version):
             return outcome  # this Defender version was already merged: nothing to read or write
@@ -351,7 +382,7 @@ class IncidentSyncer:
                         extra={"tenantId": tid, "incidentId": incident_id, "action": "mirror", "outcome": "deleted"})
             assert link is not None
             link["state"] = LINK_DELETED
-            return outcome if state.save_link(tid, incident_id, link, etag=link_etag) else None
+            return outcome if self._save_link(tid, incident_id, link, link_etag, link_saves) else None
         result: MergeResult = merged_box["result"]
         outcome.problems.extend(merged_box.get("problems", []))
         outcome.conflicts = result.conflicts
@@ -390,7 +421,7 @@ class IncidentSyncer:
         if holds:
             new_link["defenderHolds"] = holds
         saved = (self._create_link(tid, incident_id, new_link, new_links) if link_etag is None
-                 else state.save_link(tid, incident_id, new_link, etag=link_etag))
+                 else self._save_link(tid, incident_id, new_link, link_etag, link_saves))
         return outcome if saved else None
 
     def _create_link(self, tenant_id: str, incident_id: str, link: dict[str, Any],
@@ -399,6 +430,14 @@ class IncidentSyncer:
         if new_links is None:
             return self.ctx.state.save_link(tenant_id, incident_id, link, etag=None)
         new_links.append(NewLink(incident_id, link))
+        return True
+
+    def _save_link(self, tenant_id: str, incident_id: str, link: dict[str, Any], etag: str | None,
+                   link_saves: list[LinkSave] | None) -> bool:
+        """Write a link read at ``etag`` now (False: changed meanwhile), or collect it for the caller (then True)."""
+        if link_saves is None or etag is None:
+            return self.ctx.state.save_link(tenant_id, incident_id, link, etag=etag)
+        link_saves.append(LinkSave(incident_id, link, etag))
         return True
 
     def _surviving_url(self, tenant_id: str, defender: dict[str, Any]) -> str | None:

@@ -2,10 +2,11 @@
 
 Leases in the leases table go through :func:`lease`: the tenant's reconcile cycle (held from ``start`` to ``finish``
 by moving the context onto an :class:`contextlib.ExitStack` once ``start`` succeeded) and the per-incident lease every
-sync of one incident holds (:mod:`sync.incident_sync`). The pull's lease lives in the tenant's state entity instead
-(:meth:`sync.state.StateStore.take_tenant_lease`), so taking it is the run's first checkpoint and giving it back is
-part of its last write; :class:`LeaseKeeper` renews it all the same. Leaving the ``with`` block, by
-success or by an exception, stops the keeper and gives the lease back.
+sync of one incident holds (:mod:`sync.incident_sync`); the mirror hook holds the incident leases of a page's updates
+together (:class:`LeaseGroupKeeper`: taken, renewed and given back in transactions). The pull's lease lives in the
+tenant's state entity instead (:meth:`sync.state.StateStore.take_tenant_lease`), so taking it is the run's first
+checkpoint and giving it back is part of its last write; :class:`LeaseKeeper` renews it all the same. Leaving
+the ``with`` block, by success or by an exception, stops the keeper and gives the lease back.
 
 A lease is *lost* when a renewal finds another owner, or when its expiry passes without a successful renewal (storage
 errors): another instance may take it from then on, so the holder must stop writing.
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 from .state import Lease, StateStore
 from .timeutil import utcnow
@@ -55,7 +57,16 @@ class LeaseKeeper:
     def lost(self) -> bool:
         """Whether the lease can no longer be counted on (taken by another owner, or expired unrenewed)."""
         margin = min(EXPIRY_MARGIN_SECONDS, self._seconds / 10)
-        return self._lost or (utcnow() - self.lease.expires_at).total_seconds() >= -margin
+        return self._lost or (utcnow() - self._expires_at()).total_seconds() >= -margin
+
+    def _expires_at(self) -> datetime:
+        return self.lease.expires_at
+
+    def _renew(self) -> bool:
+        return self._store.renew_lease(self.lease, self._seconds)
+
+    def _give_back(self) -> None:
+        self._store.release_lease(self.lease)
 
     @property
     def guard(self) -> threading.Lock:
@@ -72,7 +83,7 @@ class LeaseKeeper:
         while not self._stop.wait(self._seconds / 3):
             try:
                 with self._lock:
-                    renewed = self._store.renew_lease(self.lease, self._seconds)
+                    renewed = self._renew()
             except Exception:  # a transient storage error: try again next beat; the lease outlives two misses
                 if self.lost:
                     self._mark_lost("expired")
@@ -97,10 +108,31 @@ class LeaseKeeper:
             if self._lost:
                 return
             try:
-                self._store.release_lease(self.lease)
+                self._give_back()
             except Exception:  # it lapses at its expiry instead; never mask what ended the holder's work
                 log.warning("lease could not be given back; it lapses", extra={
                     "tenantId": self.lease.tenant_id, "action": "lease", "outcome": "release-failed"})
+
+
+class LeaseGroupKeeper(LeaseKeeper):
+    """Several leases of the leases table (a mirror page's incident leases) renewed together from one thread: one
+    transaction of ``If-Match`` replaces per beat, given back in transactions of deletes. A refused renewal counts
+    them all lost; the earliest expiry is the group's."""
+
+    def __init__(self, store: StateStore, leases: list[Lease], seconds: float) -> None:
+        if not leases:
+            raise ValueError("a lease group needs at least one lease")
+        self.leases = leases
+        super().__init__(store, leases[0], seconds)
+
+    def _expires_at(self) -> datetime:
+        return min(held.expires_at for held in self.leases)
+
+    def _renew(self) -> bool:
+        return self._store.renew_leases(self.leases, self._seconds)
+
+    def _give_back(self) -> None:
+        self._store.release_leases(self.leases)
 
 
 @contextmanager

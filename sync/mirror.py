@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from .budget import BudgetExhausted, Deadline
 from .context import AppContext
 from .http import describe_error
-from .incident_sync import NO_LINK, UNREAD_LINK, IncidentBusy, IncidentSyncer, NewLink, SyncOutcome
-from .leases import LeaseLost
+from .incident_sync import (
+    INCIDENT_LEASE_SECONDS,
+    NO_LINK,
+    UNREAD_LINK,
+    IncidentBusy,
+    IncidentSyncer,
+    LinkSave,
+    NewLink,
+    SyncOutcome,
+    needs_leased_sync,
+)
+from .leases import LeaseGroupKeeper, LeaseLost
 from .models import TenantSummary
 from .pull import HookIncident, IncidentHook
 from .settings import TenantConfig
@@ -28,7 +39,14 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
     Table Storage per page: the links of incidents stored before are read concurrently (one read each, also used
     by the leased sync of an update); an incident never stored before has no link, so none is read; the new links
     are written at the end in transactions (name-index rows first, then the links as inserts). A link that cannot
-    be created that way is created on its own, and one that exists meanwhile is synced again against it."""
+    be created that way is created on its own, and one that exists meanwhile is synced again against it.
+
+    The page's updates (linked incidents with a version the link does not hold) are synced under their incident
+    leases taken together (transactions of inserts; those of a refused transaction one by one, and an incident
+    another worker holds goes the per-incident way: it waits a little, then is dead-lettered busy), renewed by one
+    keeper. Their link writes are collected and written at the end in transactions of ``If-Match`` replaces, THEN
+    the leases are given back in transactions of deletes. A link changed meanwhile is synced again, after that.
+    An incident with a pending letter (a retry) goes the per-incident way."""
     syncer: IncidentSyncer | None = None
     # Mirror dead letters per tenant, read once: a success clears only a letter that exists (no blind deletes).
     pending: dict[str, dict[str, DeadLetter]] = {}
@@ -45,14 +63,21 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
         links = ctx.state.get_links(tenant.tenant_id, [str(h.incident.get("id")) for h in todo if not h.unlinked])
         run = _PageRun(ctx, syncer, tenant, summary, deadline, letters)
         try:
+            run.take_leases([str(h.incident.get("id")) for h in todo if str(h.incident.get("id")) not in letters
+                             and needs_leased_sync(links.get(str(h.incident.get("id"))), h.incident)])
             for item in todo:
                 incident_id = str(item.incident.get("id"))
                 run.attempt(item.incident, retry=incident_id in letters,
                             link=NO_LINK if item.unlinked else links.get(incident_id))
         except (BudgetExhausted, LeaseLost):
-            run.write_links(settle=False)  # what was mirrored keeps its link; the page is read again next run
+            run.save_links(settle=False)   # what was mirrored keeps its link; the page is read again next run
+            run.write_links(settle=False)
             run.record()
             raise
+        except BaseException:
+            run.release_leases()  # a crash: the links stay as they were, the next run repairs from fresh reads
+            raise
+        run.save_links(settle=True)
         run.write_links(settle=True)
         run.record()
 
@@ -67,18 +92,45 @@ class _PageRun:
         self.ctx, self.syncer, self.tenant, self.summary = ctx, syncer, tenant, summary
         self.deadline, self.letters = deadline, letters
         self.new_links: list[NewLink] = []
+        self.link_saves: list[LinkSave] = []
         self.outcomes: dict[str, SyncOutcome] = {}
         self.incidents: dict[str, dict[str, Any]] = {}
+        self.keeper: LeaseGroupKeeper | None = None
+        self.leased: set[str] = set()
+
+    def take_leases(self, incident_ids: list[str]) -> None:
+        """Take the incident leases of the page's updates together, renewed by one keeper; an incident another
+        worker holds is left out (its sync goes the per-incident way)."""
+        if not incident_ids:
+            return
+        owner = f"{self.ctx.instance_id}-{uuid.uuid4().hex[:8]}"
+        taken = self.ctx.state.acquire_leases(self.tenant.tenant_id, [f"incident:{i}" for i in incident_ids],
+                                              owner, INCIDENT_LEASE_SECONDS)
+        held = {i: taken.get(f"incident:{i}") for i in incident_ids}
+        leases = [held_lease for held_lease in held.values() if held_lease is not None]
+        if leases:
+            self.keeper = LeaseGroupKeeper(self.ctx.state, leases, INCIDENT_LEASE_SECONDS)
+            self.leased = {i for i, held_lease in held.items() if held_lease is not None}
+
+    def release_leases(self) -> None:
+        """Give the page's incident leases back (once; nothing when none are held)."""
+        keeper, self.keeper, self.leased = self.keeper, None, set()
+        if keeper is not None:
+            keeper.release()
 
     def attempt(self, incident: dict[str, Any], *, retry: bool, link: Any = UNREAD_LINK,
                 new_links: bool = True) -> None:
         """Sync one incident; a failure other than the run's end is dead-lettered."""
         incident_id = str(incident.get("id"))
         self.incidents[incident_id] = incident
+        leased = incident_id in self.leased
+        if leased and self.keeper is not None:
+            self.keeper.check()  # the page's leases were lost: stop the page (its syncs are not safe any more)
         try:
             self.outcomes[incident_id] = self.syncer.sync(
                 self.tenant, incident_id, deadline=self.deadline, trigger="pull", defender=incident, retry=retry,
-                link=link, new_links=self.new_links if new_links else None)
+                link=link, new_links=self.new_links if new_links else None,
+                leased_saves=self.link_saves if leased else None)
         except (BudgetExhausted, LeaseLost):
             raise  # the run stops here; the page is read again next run
         except Exception as exc:  # any failure of one incident: never replay the page forever
@@ -112,6 +164,40 @@ class _PageRun:
                 continue
             # Linked meanwhile: sync again against that link (under the incident's lease, from fresh reads).
             self.attempt(incident, retry=True, new_links=False)
+
+    def save_links(self, *, settle: bool) -> None:
+        """Write the links the page's leased syncs collected (transactions of ``If-Match`` replaces; those not
+        written so one by one), THEN give the leases back. A link changed meanwhile (a writer ignoring the lease,
+        or a lease that lapsed) is synced again from fresh reads the per-incident way (``settle``; else left to
+        the next run, which reads the page again)."""
+        saves, self.link_saves = {s.incident_id: s for s in self.link_saves}, []
+        stale: list[str] = []
+        try:
+            unwritten = self.ctx.state.replace_links(self.tenant.tenant_id,
+                                                     {i: (s.link, s.etag) for i, s in saves.items()}) if saves else []
+            for incident_id in unwritten:
+                save = saves[incident_id]
+                try:
+                    if not self.ctx.state.save_link(self.tenant.tenant_id, incident_id, save.link, etag=save.etag):
+                        stale.append(incident_id)
+                except Exception as exc:
+                    if settle:
+                        self.outcomes.pop(incident_id, None)
+                        self._dead_letter(incident_id, self.incidents[incident_id], exc)
+                    else:
+                        stale.append(incident_id)
+        except Exception:
+            if settle:
+                raise
+            log.warning("the page's link updates could not be written", exc_info=True,
+                        extra={"tenantId": self.tenant.tenant_id, "action": "mirror", "outcome": "links-lost"})
+            stale = list(saves)
+        finally:
+            self.release_leases()
+        for incident_id in stale:
+            self.outcomes.pop(incident_id, None)   # not mirrored until its link holds the sync
+            if settle:
+                self.attempt(self.incidents[incident_id], retry=True, new_links=False)
 
     def record(self) -> None:
         """Count the page's outcomes and clear the letters of the incidents now mirrored."""

@@ -26,12 +26,18 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
 from .settings import StorageConfig
-from .table_batch import entity_json, operation_overhead, submit_upserts
-from .table_limits import TableLimitError, check_entity, split_batches, utf16_len
+from .table_batch import Operation, entity_json, operation_overhead, submit, submit_upserts
+from .table_limits import MAX_BATCH_OPS, TableLimitError, check_entity, split_batches, utf16_len
 from .timeutil import format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -447,6 +453,56 @@ class StateStore:
         except (ResourceModifiedError, ResourceNotFoundError):
             pass
 
+    def acquire_leases(self, tenant_id: str, scopes: Iterable[str], owner: str, seconds: float
+                       ) -> dict[str, Lease | None]:
+        """Take several of the tenant's leases (the entities :meth:`acquire_lease` takes) in transactions of
+        inserts; a transaction refused because one of its leases exists (held, or expired and not yet taken over)
+        takes its leases one by one with :meth:`acquire_lease`. Returns each scope's lease, None where another owner
+        holds it."""
+        expires = utcnow() + timedelta(seconds=seconds)
+        ops = [Operation("insert", e, entity_json(e)) for e in (_lease_entity(tenant_id, scope, owner, expires)
+                                                                for scope in dict.fromkeys(scopes))]
+        taken: dict[str, Lease | None] = {}
+        for etags, batch in _transactions(self.table(LEASES), ops, "lease"):
+            for n, op in enumerate(batch):
+                scope = str(op.entity["Scope"])
+                etag = etags[n] if etags is not None else None
+                taken[scope] = Lease(tenant_id, scope, owner, expires, etag) if etag else \
+                    self.acquire_lease(tenant_id, scope, owner, seconds)
+        return taken
+
+    def renew_leases(self, leases: list[Lease], seconds: float) -> bool:
+        """Extend held leases of the leases table together, in transactions of ``If-Match`` replaces. False when a
+        transaction was refused because one of its leases changed or is gone (taken by another owner: count them all
+        lost); raises on any other failure (try again)."""
+        expires = utcnow() + timedelta(seconds=seconds)
+        by_scope = {lease.scope: lease for lease in leases}
+        ops = [Operation("replace", e, entity_json(e), lease.etag)
+               for lease in leases for e in [_lease_entity(lease.tenant_id, lease.scope, lease.owner, expires)]]
+        for start in range(0, len(ops), MAX_BATCH_OPS):   # lease entities are small: the count is the limit
+            batch = ops[start:start + MAX_BATCH_OPS]
+            try:
+                etags = submit(self.table(LEASES), batch)
+            except HttpResponseError as exc:
+                if exc.status_code in (404, 412):
+                    return False
+                raise
+            for op, etag in zip(batch, etags, strict=True):
+                lease = by_scope[str(op.entity["Scope"])]
+                lease.etag, lease.expires_at = etag or lease.etag, expires
+        return True
+
+    def release_leases(self, leases: list[Lease]) -> None:
+        """Give held leases of the leases table back in transactions of ``If-Match`` deletes; those of a refused
+        transaction one by one (:meth:`release_lease`: only those still ours)."""
+        by_scope = {lease.scope: lease for lease in leases}
+        ops = [Operation("delete", _lease_entity(lease.tenant_id, lease.scope, lease.owner, lease.expires_at),
+                         etag=lease.etag) for lease in leases]
+        for etags, batch in _transactions(self.table(LEASES), ops, "lease"):
+            if etags is None:
+                for op in batch:
+                    self.release_lease(by_scope[str(op.entity["Scope"])])
+
     def _merge_tenant_lease(self, lease: Lease, owner: str | None, expires: datetime | None) -> bool:
         """Set (or clear) the lease fields of the tenant's state entity if it is as the holder last wrote it."""
         entity = {"PartitionKey": "tenant", "RowKey": _key(lease.tenant_id), "LeaseOwner": owner or "",
@@ -624,18 +680,27 @@ class StateStore:
         in the tenant's partition: a transaction is refused whole if any of its links exists). Returns the IDs of
         the links not written (their transaction was refused or failed): the caller creates those one by one."""
         table = self.table(LINKS)
-        table_url = f"{table.scheme}://{table._primary_hostname}/{table.table_name}"
         entities = {i: _link_entity(tenant_id, i, link) for i, link in links.items()}
-        index = [(e, entity_json(e)) for e in (_name_index_entity(tenant_id, i, entities[i]) for i in entities)]
+        index = [Operation("upsert", e, entity_json(e))
+                 for e in (_name_index_entity(tenant_id, i, entities[i]) for i in entities)]
         unwritten: list[str] = []
         writable: set[str] = set()
-        for ok, batch in _transactions(table, table_url, index, insert=False):
-            (writable.update if ok else unwritten.extend)(str(e["IncidentId"]) for e, _ in batch)
-        rows = [(e, entity_json(e)) for i, e in entities.items() if i in writable]
-        for ok, batch in _transactions(table, table_url, rows, insert=True):
-            if not ok:
-                unwritten.extend(str(e["IncidentId"]) for e, _ in batch)
+        for etags, batch in _transactions(table, index, "link"):
+            (writable.update if etags is not None else unwritten.extend)(str(op.entity["IncidentId"]) for op in batch)
+        rows = [Operation("insert", e, entity_json(e)) for i, e in entities.items() if i in writable]
+        for etags, batch in _transactions(table, rows, "link"):
+            if etags is None:
+                unwritten.extend(str(op.entity["IncidentId"]) for op in batch)
         return unwritten
+
+    def replace_links(self, tenant_id: str, links: dict[str, tuple[dict[str, Any], str]]) -> list[str]:
+        """Write existing links (incident ID -> (link, the ETag it was read at)) in transactions of ``If-Match``
+        replaces in the tenant's partition: a transaction is refused whole if any of its links changed since it was
+        read. Returns the IDs of the links not written: the caller saves those one by one (``save_link``)."""
+        ops = [Operation("replace", e, entity_json(e), etag)
+               for e, etag in ((_link_entity(tenant_id, i, link), etag) for i, (link, etag) in links.items())]
+        return [str(op.entity["IncidentId"]) for etags, batch in _transactions(self.table(LINKS), ops, "link")
+                if etags is None for op in batch]
 
     def find_link_by_sentinel_name(self, sentinel_name: str) -> tuple[str, str, dict[str, Any]] | None:
         """(tenant ID, incident ID, link) for a Sentinel incident name, or None if the app does not mirror it."""
@@ -667,25 +732,33 @@ def _link_entity(tenant_id: str, incident_id: str, link: dict[str, Any]) -> dict
     return entity
 
 
+def _lease_entity(tenant_id: str, scope: str, owner: str, expires: datetime) -> dict[str, Any]:
+    """The leases-table entity of a lease (the entity :meth:`StateStore.acquire_lease` writes, with its scope)."""
+    return {"PartitionKey": "lease", "RowKey": _key(f"{scope}|{tenant_id}"), "Owner": owner,
+            "ExpiresAt": format_time(expires), "Scope": scope}
+
+
 def _name_index_entity(tenant_id: str, incident_id: str, link_entity: dict[str, Any]) -> dict[str, Any]:
     """The name-index row of a link: its Sentinel incident name (lower case) -> tenant and incident."""
     return {"PartitionKey": NAME_INDEX, "RowKey": _key(str(link_entity["SentinelName"]).lower()),
             "TenantId": tenant_id, "IncidentId": incident_id}
 
 
-def _transactions(table: TableClient, table_url: str, ops: list[tuple[dict[str, Any], str]], *, insert: bool
-                  ) -> Iterator[tuple[bool, list[tuple[dict[str, Any], str]]]]:
-    """Submit ``ops`` (entity, JSON) of one partition in transactions within the service's limits; yields
-    (whether it was written, its operations) per transaction. A refused or failed one writes nothing."""
-    for batch in split_batches([[op] for op in ops], lambda op: len(op[1]) + operation_overhead(table_url, op[0])):
+def _transactions(table: TableClient, ops: list[Operation], what: str
+                  ) -> Iterator[tuple[list[str | None] | None, list[Operation]]]:
+    """Submit ``ops`` of one partition in transactions within the service's limits; yields (the new ETags, or None
+    when it was not written, its operations) per transaction. A refused or failed one writes nothing."""
+    table_url = f"{table.scheme}://{table._primary_hostname}/{table.table_name}"
+    for batch in split_batches([[op] for op in ops], lambda op: len(op.text) + operation_overhead(table_url,
+                                                                                                 op.entity)):
         try:
-            submit_upserts(table, batch, insert=insert)
+            etags = submit(table, batch)
         except AzureError as exc:
-            log.info("link transaction not written; its links are created one by one", extra={
+            log.info("%s transaction not written; its operations are done one by one", what, extra={
                 "action": "state-write", "outcome": "batch-failed", "operations": len(batch), "error": str(exc)[:300]})
-            yield False, batch
+            yield None, batch
             continue
-        yield True, batch
+        yield etags, batch
 
 
 def _marker_key(kind: str, tenant_id: str) -> tuple[str, str]:

@@ -62,19 +62,19 @@ def test_a_crash_before_the_links_are_written_is_repaired_by_the_next_run(env: E
     for incident_id in ids:
         env.incident(a, incident_id, comments=[comment(f"note on {incident_id}")])
     env.configure()
-    real = sync.state.submit_upserts
+    real = sync.state.submit
 
-    def crash(table: Any, entities: Any, *, insert: bool = False) -> None:
-        if insert:
+    def crash(table: Any, operations: Any) -> Any:
+        if any(op.kind == "insert" for op in operations):
             raise RuntimeError("process killed before the links' transaction")
-        real(table, entities, insert=insert)
+        return real(table, operations)
 
-    monkeypatch.setattr(sync.state, "submit_upserts", crash)
+    monkeypatch.setattr(sync.state, "submit", crash)
     run_timer("defender_pull")
     assert len(_mirrors(env)) == len(ids) and not _links(a), "mirrored, no link written"
     stored = get_context().state.get_versions(a, ids)
     assert all(v.mirrored for v in stored.values()) and len(stored) == len(ids), "versions stored before the hook"
-    monkeypatch.setattr(sync.state, "submit_upserts", real)
+    monkeypatch.setattr(sync.state, "submit", real)
     run_timer("defender_pull")  # the page was not checkpointed: read again, and its hook runs again
     assert len(_mirrors(env)) == len(ids), "exactly one mirror per incident"
     links = _links(a)
