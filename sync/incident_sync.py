@@ -13,9 +13,12 @@ every path applies the same rules:
 
 Every sync holds the incident's lease (:func:`sync.leases.lease`, scope ``incident:<id>``) for its whole run, across
 instances and triggers: two syncs of one incident never both decide to copy the same comment (Graph comments cannot
-be deleted). A sync that finds the lease held waits a little (the webhook longer) and then raises
-:class:`IncidentBusy`: the pull hook dead-letters the incident (retried next run), the reconcile records it (and its
-sweep finds the change), the webhook answers 503 so the Logic App retries. Before each comment is appended to
+be deleted). The pull's mirror hook takes the leases of a page's updates together (same entities; see
+:mod:`sync.mirror`) and passes ``leased_saves``: the sync then takes no lease of its own and its link write is
+collected, written by the hook (``If-Match`` the ETag read) before it gives the leases back. A sync that finds the
+lease held waits a little (the webhook longer) and then raises :class:`IncidentBusy`: the pull hook dead-letters the
+incident (retried next run), the reconcile records it (and its sweep finds the change), the webhook answers 503 so
+the Logic App retries. Before each comment is appended to
 Defender its comments are read again, so a copy made meanwhile by any writer is not made twice.
 """
 
