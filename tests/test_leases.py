@@ -11,7 +11,7 @@ from conftest import apply_settings
 
 from sync.budget import Deadline
 from sync.context import get_context
-from sync.leases import LeaseKeeper, LeaseLost, lease
+from sync.leases import LeaseGroupKeeper, LeaseKeeper, LeaseLost, lease
 from sync.pull import due_letters
 from sync.pushback import ReconcileCycle
 from sync.state import LEASES, DeadLetter, Lease, StaleWrite, StateStore
@@ -132,3 +132,36 @@ def test_due_letters_come_longest_waiting_first_and_skip_those_backing_off() -> 
                letter("oldest", format_time(now.replace(year=now.year - 1)))]
     due = due_letters(letters, ("mirror",), now)
     assert [d.key for d in due] == ["legacy", "oldest", "recent"]
+
+
+def test_a_pages_leases_are_taken_renewed_and_given_back_together(store: StateStore) -> None:
+    held = store.acquire_lease("t9", "incident:2", "another", 60)
+    expired = store.acquire_lease("t9", "incident:3", "gone", 0.01)
+    assert held is not None and expired is not None
+    time.sleep(0.05)
+    taken = store.acquire_leases("t9", [f"incident:{n}" for n in range(1, 5)], "page", 1.5)
+    assert taken["incident:2"] is None, "another owner's lease is left to it"
+    assert all(taken[f"incident:{n}"] is not None for n in (1, 3, 4)), "an expired one is taken over"
+    leases = [lease_ for lease_ in taken.values() if lease_ is not None]
+    first = {lease_.scope: lease_.expires_at for lease_ in leases}
+    keeper = LeaseGroupKeeper(store, leases, 1.5)
+    time.sleep(1.2)   # past the first expiry margin: renewed meanwhile
+    assert not keeper.lost and all(lease_.expires_at > first[lease_.scope] for lease_ in leases)
+    keeper.release()
+    rows = {str(e["RowKey"]) for e in store.table(LEASES).list_entities() if str(e["RowKey"]).endswith("|t9")}
+    assert rows == {"incident:2|t9"}, "the page's leases are given back, the other owner's kept"
+
+
+def test_a_page_lease_taken_by_another_owner_counts_the_group_lost(store: StateStore) -> None:
+    taken = store.acquire_leases("t10", ["incident:1", "incident:2"], "page", 0.9)
+    leases = [lease_ for lease_ in taken.values() if lease_ is not None]
+    keeper = LeaseGroupKeeper(store, leases, 0.9)
+    table = store.table(LEASES)
+    stolen = dict(table.get_entity("lease", "incident:2|t10"))
+    table.upsert_entity({**stolen, "Owner": "thief"})   # another owner took it over meanwhile
+    time.sleep(0.6)
+    assert keeper.lost
+    with pytest.raises(LeaseLost):
+        keeper.check()
+    keeper.release()
+    assert table.get_entity("lease", "incident:2|t10")["Owner"] == "thief", "never given back over the thief"
