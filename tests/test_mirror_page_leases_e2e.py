@@ -74,7 +74,7 @@ def test_a_webhook_during_the_pulls_page_lease_waits_and_the_comment_is_copied_o
     if status == 503:
         assert body["error"]["code"] == "incident_busy", body
     else:
-        assert body["result"] in ("applied", "unchanged"), body
+        assert body["result"] in ("applied", "unchanged", "stale"), body   # stale: the pull synced it first
     assert copies(env, a, "2701", "Contained on WS-01") == 1
     assert env.defender(a, "2701")["assignedTo"] == "lead@mssp.example"
     assert env.get(a, "2701")["properties"]["severity"] == "Low"
