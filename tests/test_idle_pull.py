@@ -38,6 +38,16 @@ def graph_lists(emulators: Any) -> int:
     return len([e for e in emulators.log.entries(service="graph") if e.path.rstrip("/").endswith("security/incidents")])
 
 
+def assert_idle_runs(emulators: Any, table_calls: Counter[str], runs: int = 2) -> None:
+    """Each of ``runs`` pulls with nothing new costs one Graph request and at most two Table operations."""
+    for _ in range(runs):
+        lists0 = graph_lists(emulators)
+        table_calls.clear()
+        run_timer("defender_pull")
+        assert graph_lists(emulators) - lists0 == 1
+        assert sum(table_calls.values()) <= 2, f"an idle run's Table operations: {dict(table_calls)}"
+
+
 def test_an_idle_run_costs_one_graph_request_and_two_table_operations(
         emulators: Any, make_app_settings: Any, monkeypatch: pytest.MonkeyPatch, table_calls: Counter[str]) -> None:
     world = emulators.world
@@ -48,12 +58,7 @@ def test_an_idle_run_costs_one_graph_request_and_two_table_operations(
     run_timer("defender_pull")
     assert len(world.rows("DefenderIncidents_CL")) == 8
     assert graph_lists(emulators) - lists0 == 1, "a first run over the 7-day look-back reads 8 incidents at once"
-    for _ in range(2):
-        lists0 = graph_lists(emulators)
-        table_calls.clear()
-        run_timer("defender_pull")
-        assert graph_lists(emulators) - lists0 == 1
-        assert sum(table_calls.values()) <= 2, f"an idle run's Table operations: {dict(table_calls)}"
+    assert_idle_runs(emulators, table_calls)
     status = get_context().state.get_tenant(tenant)
     assert status.last_run and status.last_run["outcome"] == "success" and status.lease_owner is None
 
@@ -72,12 +77,7 @@ def test_an_idle_run_re_reading_the_overlap_still_costs_two_table_operations(
         world.update_incident(tenant, incident_id, {"severity": "high"})
     run_timer("defender_pull")
     assert len(world.rows("DefenderIncidents_CL")) == 11
-    for _ in range(2):
-        lists0 = graph_lists(emulators)
-        table_calls.clear()
-        run_timer("defender_pull")
-        assert graph_lists(emulators) - lists0 == 1
-        assert sum(table_calls.values()) <= 2, f"an idle run re-reading 3 incidents: {dict(table_calls)}"
+    assert_idle_runs(emulators, table_calls)
     assert len(world.rows("DefenderIncidents_CL")) == 11, "nothing stored twice"
     world.update_incident(tenant, changed[0], {"severity": "low"})
     run_timer("defender_pull")

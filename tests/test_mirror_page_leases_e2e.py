@@ -54,6 +54,17 @@ def _updated(env: Env, tenant: str, ids: list[str]) -> dict[str, str]:
             for i in ids}
 
 
+def _mirrored_then_updated(env: Env, tenant: str, ids: list[str]) -> dict[str, str]:
+    """Incidents with a Defender comment, mirrored; an analyst's reply on each mirror; then each updated in
+    Defender. Their new versions."""
+    for incident_id in ids:
+        env.incident(tenant, incident_id, comments=[comment(f"note on {incident_id}")])
+    pulled(env)
+    for incident_id in ids:
+        env.sentinel.analyst_comment(env.name(tenant, incident_id), f"reply on {incident_id}", "analyst@mssp.example")
+    return _updated(env, tenant, ids)
+
+
 def test_a_webhook_during_the_pulls_page_lease_waits_and_the_comment_is_copied_once(env: Env) -> None:
     a = env.a
     env.incident(a, "2701")
@@ -117,12 +128,7 @@ def test_a_link_changed_before_the_pages_link_write_is_synced_again_and_ends_cur
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     a = env.a
     ids = [str(2901 + i) for i in range(5)]
-    for incident_id in ids:
-        env.incident(a, incident_id, comments=[comment(f"note on {incident_id}")])
-    pulled(env)
-    for incident_id in ids:
-        env.sentinel.analyst_comment(env.name(a, incident_id), f"reply on {incident_id}", "analyst@mssp.example")
-    versions = _updated(env, a, ids)
+    versions = _mirrored_then_updated(env, a, ids)
     real = StateStore.replace_links
     stale: list[str] = []
 
@@ -150,12 +156,7 @@ def test_a_crash_before_the_pages_link_write_is_repaired_by_the_next_run(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     a = env.a
     ids = [str(3001 + i) for i in range(6)]
-    for incident_id in ids:
-        env.incident(a, incident_id, comments=[comment(f"note on {incident_id}")])
-    pulled(env)
-    for incident_id in ids:
-        env.sentinel.analyst_comment(env.name(a, incident_id), f"reply on {incident_id}", "analyst@mssp.example")
-    versions = _updated(env, a, ids)
+    versions = _mirrored_then_updated(env, a, ids)
     before = {i: get_context().state.get_link(a, i) for i in ids}
     real = sync.state.submit
 
