@@ -39,11 +39,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import requests.adapters  # noqa: E402
-
 from bench.pull_bench import STRAY_ENV  # noqa: E402
 from emulators.azurite import Azurite  # noqa: E402
 from emulators.certs import ensure_tls  # noqa: E402
+from emulators.http_spy import observe_requests  # noqa: E402
 from emulators.hub import EmulatorHub, app_settings  # noqa: E402
 
 BATCH = 100
@@ -58,18 +57,11 @@ class Counts:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        original = requests.adapters.HTTPAdapter.send
-
-        def send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-            service = self.services.get(urlsplit(request.url).netloc.lower(), "other")
-            self.counter[(service, str(request.method))] += 1
-            return original(adapter, request, *args, **kwargs)
-
-        requests.adapters.HTTPAdapter.send = send  # type: ignore[method-assign]
-        try:
+        with observe_requests(self._count):
             yield
-        finally:
-            requests.adapters.HTTPAdapter.send = original  # type: ignore[method-assign]
+
+    def _count(self, request: Any) -> None:
+        self.counter[(self.services.get(urlsplit(request.url).netloc.lower(), "other"), str(request.method))] += 1
 
     def measure(self, action: Callable[[], Any]) -> tuple[dict[str, int], float]:
         """Run ``action``; (requests per service and service:method, wall seconds)."""

@@ -12,10 +12,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
-import requests.adapters
 from conftest import apply_settings
 from harness import run_timer
 
+from emulators.http_spy import observe_requests
 from sync.budget import Deadline
 from sync.pushback import RECENTLY_CLOSED_DAYS, sweep_skips
 from sync.state import LINKS
@@ -77,19 +77,13 @@ class TableRequests:
 
     @contextmanager
     def counting(self) -> Iterator[None]:
-        original = requests.adapters.HTTPAdapter.send
-
-        def send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-            url = urlsplit(request.url)
-            service = {self.table: "table", self.arm: "sentinel"}.get(url.netloc.lower(), "other")
-            self.calls.append((service, str(request.method), unquote(url.path)))
-            return original(adapter, request, *args, **kwargs)
-
-        requests.adapters.HTTPAdapter.send = send  # type: ignore[method-assign]
-        try:
+        with observe_requests(self._record):
             yield
-        finally:
-            requests.adapters.HTTPAdapter.send = original  # type: ignore[method-assign]
+
+    def _record(self, request: Any) -> None:
+        url = urlsplit(request.url)
+        service = {self.table: "table", self.arm: "sentinel"}.get(url.netloc.lower(), "other")
+        self.calls.append((service, str(request.method), unquote(url.path)))
 
     def run(self) -> dict[str, int]:
         """One pull; its requests by service, and ``links``: point reads and writes of the links table."""
