@@ -63,8 +63,11 @@ class WorkspaceChanges:
         if self._from is None or lower < self._from:
             started = utcnow()
             try:
-                self._items = list(self.ctx.sentinel.list_incidents(modified_since=lower, deadline=deadline,
-                                                                    top=LIST_PAGE))
+                # Only the app's mirrors, and of each only what the reconcile reads: a first listing covers the
+                # look-back of the whole workspace (every analytics rule's incidents), which kept whole would
+                # hold hundreds of MB in a large one.
+                self._items = [_compact(i) for i in self.ctx.sentinel.list_incidents(
+                    modified_since=lower, deadline=deadline, top=LIST_PAGE) if _is_app_mirror(i)]
             except (ApiError, BudgetExhausted) as exc:
                 self._failed = exc
                 raise
@@ -78,6 +81,20 @@ class WorkspaceChanges:
         if key not in self._links:
             self._links[key] = self.ctx.state.find_link_by_sentinel_name(name)
         return self._links[key]
+
+
+def _is_app_mirror(incident: dict[str, Any]) -> bool:
+    """Whether a listed incident carries the app's label (only those can be linked mirrors the reconcile syncs)."""
+    labels = (incident.get("properties") or {}).get("labels") or []
+    return any(isinstance(x, dict) and x.get("labelName") == SOURCE_LABEL for x in labels)
+
+
+def _compact(incident: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a listed mirror the reconcile reads (name, modification time, labels, comment count)."""
+    props = incident.get("properties") or {}
+    return {"name": incident.get("name"), "properties": {
+        "lastModifiedTimeUtc": props.get("lastModifiedTimeUtc"), "labels": props.get("labels"),
+        "additionalData": {"commentsCount": (props.get("additionalData") or {}).get("commentsCount")}}}
 
 
 def _modified_since(incident: dict[str, Any], lower: datetime) -> bool:
@@ -260,9 +277,7 @@ class ReconcileCycle:
         self.ctx.state.set_marker("reconcile", self.tenant.tenant_id, self._marker)
 
     def _reconcile_listed(self, incident: dict[str, Any]) -> None:
-        props = incident.get("properties") or {}
-        labels = props.get("labels") or []
-        if not any(isinstance(x, dict) and x.get("labelName") == SOURCE_LABEL for x in labels):
+        if not _is_app_mirror(incident):
             return
         found = self.changes.link(str(incident.get("name", "")))
         if found is None or found[0] != self.tenant.tenant_id:

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -17,7 +18,8 @@ from harness import run_timer
 
 from emulators.http_spy import observe_requests
 from sync.budget import Deadline
-from sync.pushback import RECENTLY_CLOSED_DAYS, sweep_skips
+from sync.incident_sync import unchanged_since_sync
+from sync.pushback import RECENTLY_CLOSED_DAYS, WorkspaceChanges, sweep_skips
 from sync.state import LINKS
 from sync.targets.sentinel_api import WorkspaceIndex
 from sync.timeutil import format_time, utcnow
@@ -50,6 +52,26 @@ def test_the_index_lists_once_per_refresh_and_reaches_back_in_day_steps() -> Non
     clock[0] = 61.0
     index.ensure(now, deadline=deadline)
     assert len(client.listings) == 3, "topped up once the listing is a minute old"
+
+
+def test_the_reconcile_listing_keeps_only_the_apps_mirrors_and_what_it_reads_of_them() -> None:
+    """A first reconcile lists the whole workspace's look-back (every rule's incidents, descriptions and all); only
+    the app's mirrors are kept, and of those the four fields the reconcile reads, so memory follows the mirrors."""
+    now = utcnow()
+    mine = {"name": "m1", "etag": "x", "properties": {
+        "lastModifiedTimeUtc": format_time(now), "title": "t", "description": "d" * 10_000,
+        "labels": [{"labelName": "defender-sync", "labelType": "User"}],
+        "additionalData": {"commentsCount": 2, "alertsCount": 9}}}
+    others = [{"name": f"o{i}", "properties": {"lastModifiedTimeUtc": format_time(now), "description": "d" * 10_000,
+                                               "labels": [{"labelName": "phishing"}]}} for i in range(500)]
+    sentinel = SimpleNamespace(list_incidents=lambda **_kwargs: iter([*others, mine]))
+    changes = WorkspaceChanges(SimpleNamespace(sentinel=sentinel))  # type: ignore[arg-type]
+    listed = changes.since(now - timedelta(days=7), Deadline(60))
+    assert listed == [{"name": "m1", "properties": {
+        "lastModifiedTimeUtc": format_time(now), "labels": [{"labelName": "defender-sync", "labelType": "User"}],
+        "additionalData": {"commentsCount": 2}}}]
+    assert unchanged_since_sync({"sentinelModified": format_time(now), "sentinelComments": 2,
+                                 "sentinelLabels": ["defender-sync"]}, listed[0])
 
 
 def test_the_sweep_leaves_links_closed_long_ago_and_reads_open_or_recent_ones() -> None:
