@@ -59,7 +59,6 @@ EVIDENCE_ONLY = "E:"
 PART_STORED = re.compile(r"^P(A?)([0-9,]*):(.+)$")
 
 
-
 @dataclass(frozen=True)
 class HookIncident:
     """An incident version handed to the mirror hook. ``unlinked``: the pull had stored no version of it before this
@@ -274,8 +273,11 @@ class TenantPull:
             return False
         versions = self.ctx.state.get_versions(self.tenant.tenant_id, [str(i.get("id")) for i in incidents])
         self._prefetched = versions
-        return not all(_already_ingested(i, versions.get(str(i.get("id")))) and not (
-            hooked and _to_mirror(self.tenant, i, versions.get(str(i.get("id"))))) for i in incidents)
+        return not all(self._nothing_to_do(i, versions.get(str(i.get("id"))), hooked) for i in incidents)
+
+    def _nothing_to_do(self, incident: dict[str, Any], stored: IncidentVersion | None, hooked: bool) -> bool:
+        """Whether this version is stored in full and, when the tenant mirrors it now, was handed to the hook."""
+        return _already_ingested(incident, stored) and not (hooked and _to_mirror(self.tenant, incident, stored))
 
     def _hooked(self) -> bool:
         """Whether stored versions are handed to the mirror hook."""
@@ -566,15 +568,13 @@ class TenantPull:
         assert self._state is not None
         recent, hooked = self._state.recent, self._hooked()
         for incident in incidents:
-            entry = recent.get(str(incident.get("id")))
+            incident_id = str(incident.get("id"))
+            entry = recent.get(incident_id)
             if entry is None:
                 return False
-            try:
-                if canonical_time(str(incident.get("lastUpdateDateTime"))) > entry.rstrip(MIRRORED_MARK):
-                    return False
-            except ValueError:
-                return False
-            if hooked and passes_filters(self.tenant, incident) and not entry.endswith(MIRRORED_MARK):
+            remembered = IncidentVersion(incident_id, entry.rstrip(MIRRORED_MARK),
+                                         mirrored=entry.endswith(MIRRORED_MARK))
+            if not self._nothing_to_do(incident, remembered, hooked):
                 return False
         return True
 

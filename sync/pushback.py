@@ -277,8 +277,7 @@ class ReconcileCycle:
         self.ctx.state.set_marker("reconcile", self.tenant.tenant_id, self._marker)
 
     def _reconcile_listed(self, incident: dict[str, Any]) -> None:
-        if not _is_app_mirror(incident):
-            return
+        """Sync a listed mirror (the listing holds only incidents with the app's label) if it changed since."""
         found = self.changes.link(str(incident.get("name", "")))
         if found is None or found[0] != self.tenant.tenant_id:
             return
