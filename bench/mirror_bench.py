@@ -85,13 +85,12 @@ def _incident(incident_id: str) -> dict[str, Any]:
 
 def seed_closed_links(hub: EmulatorHub, store: Any, tenants: list[str], closed: int) -> None:
     """``closed`` mirrors closed 30 days ago and unchanged since: Sentinel incidents and links as the app leaves
-    them (written straight into the emulator and the links table, in batches)."""
-    from sync.state import LINKS, NAME_INDEX, _key, _split_json
+    them (written straight into the emulator and the state tables, in batches)."""
+    from sync.state import INCIDENTS, LINKS, _link_entity, _name_index_entity
 
     sentinel = hub.sentinel
     ws = sentinel._workspace(None)
     old_ticks = sentinel._clock_ns() // 100 - int(timedelta(days=30).total_seconds() * 10_000_000)
-    table = store.table(LINKS)
     links: dict[str, list[dict[str, Any]]] = {}
     index: list[dict[str, Any]] = []
     for n in range(closed):
@@ -110,12 +109,10 @@ def seed_closed_links(hub: EmulatorHub, store: Any, tenants: list[str], closed: 
             "sentinelModified": props["lastModifiedTimeUtc"], "redirected": False,
             "sentinelComments": props["additionalData"]["commentsCount"],
             "sentinelLabels": sorted(x["labelName"] for x in props.get("labels") or []), "defenderComments": 0}
-        entity = {"PartitionKey": _key(tenant), "RowKey": _key(incident_id), "IncidentId": incident_id,
-                  "SentinelName": name, **_split_json("Link", link)}
+        entity = _link_entity(tenant, incident_id, link)
         links.setdefault(tenant, []).append(entity)
-        index.append({"PartitionKey": NAME_INDEX, "RowKey": _key(name.lower()), "TenantId": tenant,
-                      "IncidentId": incident_id})
-    for rows in [*links.values(), index]:
+        index.append(_name_index_entity(tenant, incident_id, entity))
+    for table, rows in [*((store.table(INCIDENTS), rows) for rows in links.values()), (store.table(LINKS), index)]:
         for i in range(0, len(rows), BATCH):
             table.submit_transaction([("upsert", e) for e in rows[i:i + BATCH]])
 

@@ -36,8 +36,9 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
     whose mirror failed is not tried again before its letter's backoff has passed (the overlap re-reads it every
     run); a newer version is tried at once.
 
-    Table Storage per page: the links of incidents stored before are read concurrently (one read each, also used
-    by the leased sync of an update); an incident never stored before has no link, so none is read; the new links
+    Table Storage per page: the links of incidents stored before come read with their versions (the pull's
+    look-up; a link it did not read is read here, concurrently), and are also used by the leased sync of an update;
+    an incident never stored before has no link, so none is read; the new links
     are written at the end in transactions (name-index rows first, then the links as inserts). A link that cannot
     be created that way is created on its own, and one that exists meanwhile is synced again against it.
 
@@ -60,15 +61,16 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
                                          if d.kind == "mirror"}
         letters = pending[tenant.tenant_id]
         todo = [h for h in page if not _backing_off(letters.get(str(h.incident.get("id"))), h.incident)]
-        links = ctx.state.get_links(tenant.tenant_id, [str(h.incident.get("id")) for h in todo if not h.unlinked])
+        links: dict[str, Any] = ctx.state.get_links(tenant.tenant_id, [str(h.incident.get("id")) for h in todo
+                                                                       if not h.unlinked and not h.link_read])
+        links.update({str(h.incident.get("id")): h.link for h in todo if h.link_read})
         run = _PageRun(ctx, syncer, tenant, summary, deadline, letters)
         try:
             run.take_leases([str(h.incident.get("id")) for h in todo if str(h.incident.get("id")) not in letters
                              and needs_leased_sync(links.get(str(h.incident.get("id"))), h.incident)])
             for item in todo:
                 incident_id = str(item.incident.get("id"))
-                run.attempt(item.incident, retry=incident_id in letters,
-                            link=NO_LINK if item.unlinked else links.get(incident_id))
+                run.attempt(item.incident, retry=incident_id in letters, link=links.get(incident_id, NO_LINK))
         except (BudgetExhausted, LeaseLost):
             run.save_links(settle=False)   # what was mirrored keeps its link; the page is read again next run
             run.write_links(settle=False)

@@ -67,6 +67,12 @@ class HookIncident:
     incident: dict[str, Any]
     previous: IncidentVersion | None = None   # the version stored before this step, as looked up
     unlinked: bool = False
+    link: dict[str, Any] | None = None        # its link, read with the version when ``link_read`` (None: absent)
+    link_read: bool = False
+
+
+#: Stored versions and, for a mirrored tenant, links (incident ID -> link or None; absent: not known) of a page.
+Lookup = tuple[dict[str, IncidentVersion], dict[str, dict[str, Any] | None]]
 
 
 #: The mirror hook: called once per stored page (after its rows and versions are stored) with its in-scope incidents.
@@ -111,7 +117,7 @@ class TenantPull:
         self._busy = False                       # another instance holds the tenant: skipped, nothing written
         self._state: TenantState | None = None
         self._confirmed: TenantState | None = None  # the progress known good: what the last write records
-        self._prefetched: dict[str, IncidentVersion] | None = None  # versions _needs_writes read for this page
+        self._prefetched: Lookup | None = None   # the versions (and links) _needs_writes read for this page
         self._deferred: Exception | None = None  # a failure reading on after a page: raised by the next step
         self._slice_read = False  # reading on found the slice's end: the step that stores its last pages completes it
         self._slices: list[_Slice] = []
@@ -271,9 +277,16 @@ class TenantPull:
             return True
         if self._all_recent(incidents):
             return False
-        versions = self.ctx.state.get_versions(self.tenant.tenant_id, [str(i.get("id")) for i in incidents])
-        self._prefetched = versions
+        self._prefetched = self._look_up([str(i.get("id")) for i in incidents])
+        versions = self._prefetched[0]
         return not all(self._nothing_to_do(i, versions.get(str(i.get("id"))), hooked) for i in incidents)
+
+    def _look_up(self, incident_ids: list[str]) -> Lookup:
+        """The stored versions of these incidents; with their links in the same reads when the tenant mirrors (the
+        hook needs the link of every update: the merge base)."""
+        if self._hooked():
+            return self.ctx.state.get_versions_and_links(self.tenant.tenant_id, incident_ids)
+        return self.ctx.state.get_versions(self.tenant.tenant_id, incident_ids), {}
 
     def _nothing_to_do(self, incident: dict[str, Any], stored: IncidentVersion | None, hooked: bool) -> bool:
         """Whether this version is stored in full and, when the tenant mirrors it now, was handed to the hook."""
@@ -471,8 +484,8 @@ class TenantPull:
         store = self.ctx.state
         incidents = [i for i in page if isinstance(i, dict)]
         ids_seen: set[str] = set()
-        versions = self._prefetched if self._prefetched is not None else store.get_versions(
-            tenant.tenant_id, [str(i.get("id")) for i in incidents if self._may_be_known(i)])
+        versions, links = self._prefetched if self._prefetched is not None else self._look_up(
+            [str(i.get("id")) for i in incidents if self._may_be_known(i)])
         self._prefetched = None
         hooked, repeat = self._hooked(), self._may_repeat()
         self._after_resume = False
@@ -502,7 +515,8 @@ class TenantPull:
             if to_mirror and (built is not None or repeat or previous is None or not previous.mirrored):
                 # Not when its stored version was handed to the hook by a step that completed (the hook ran, or
                 # left a mirror dead letter that the letters' retry takes up).
-                in_scope.append(HookIncident(incident, previous, unlinked=previous is None))
+                in_scope.append(HookIncident(incident, previous, unlinked=previous is None,
+                                             link=links.get(incident_id), link_read=incident_id in links))
             if built is None:
                 self.summary.skipped += 1
                 ids_seen.add(incident_id)

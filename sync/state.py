@@ -4,10 +4,13 @@ Tables:
 - ``syncTenants``: per-tenant cursor, the time slice in progress with its keyset position, the last run and the
   pull's lease; beside each tenant's row, a row saying when its earliest pending dead letter is due (so an idle run
   reads both in one query and skips the dead-letter table).
-- ``syncIncidents``: the last ingested version of each incident and of each of its alerts (dedup).
+- ``syncIncidents``: the last ingested version of each incident and of each of its alerts (dedup), and beside it the
+  incident's Defender ⇄ Sentinel link with the merge base (``<incident>!link``), so the pull reads both in one
+  RowKey-range query.
 - ``syncLeases``: leases other than the pull's (reconcile, per incident), taken with ETag optimistic concurrency.
 - ``syncDeadLetters``: what failed permanently or repeatedly, with the error and retry count.
-- ``syncLinks``: Defender ⇄ Sentinel links and the merge base (used by the mirror and push-back).
+- ``syncLinks``: the index of Sentinel incident names -> links (partition ``~sentinel-name``). Earlier versions kept
+  the links here too (partition: tenant); :meth:`StateStore.move_legacy_links` moves them beside their versions.
 
 Transactions stay inside one partition and under the service's 100-operation limit.
 """
@@ -33,7 +36,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableClient, TableServiceClient, UpdateMode
+from azure.data.tables import TableClient, TableEntity, TableServiceClient, UpdateMode
 
 from .settings import StorageConfig
 from .table_batch import Operation, entity_json, operation_overhead, submit, submit_upserts
@@ -55,6 +58,9 @@ PROPERTY_UNITS = 30_000     # string properties hold 64 KiB of UTF-16 (32,768 un
 ALERT_ROW_CHARS = 400_000   # ASCII JSON of an alerts map per row: 800 KB by the service's formula, under 1 MiB
 MAX_ALERT_ROWS = 8          # rows of one incident's alerts map (about 40,000 alerts); more is not kept
 ALERT_ROW_SEP = "~alerts~"  # RowKey of an incident's alerts rows: <incident key>~alerts~<n>
+# RowKey suffix of an incident's link, beside its version: a RowKey range from the version's key to the link's holds
+# nothing else ("!" sorts below every character a key of an incident ID can continue with, except a space).
+LINK_SUFFIX = "!link"
 DEAD_LETTER_MAX_RETRIES = 5
 # Kinds never given up: a failed mirror leaves nothing else that would ever mirror the incident, so it is retried,
 # ever more slowly, until it is mirrored or gone (404).
@@ -185,6 +191,9 @@ class StateStore:
     def __init__(self, service: TableServiceClient) -> None:
         self._service = service
         self._clients: dict[str, TableClient] = {}
+        # Set once this process has moved every link an earlier version kept in the links table (none are written
+        # there any more): from then on a link missing beside its version is absent, with no second read.
+        self._legacy_links_moved = False
 
     @classmethod
     def from_config(cls, config: StorageConfig, credential: TokenCredential | None, **options: Any) -> StateStore:
@@ -288,20 +297,57 @@ class StateStore:
         pk = _key(tenant_id)
 
         def read(incident_id: str) -> IncidentVersion | None:
-            rk = _key(incident_id)
             try:
-                e = table.get_entity(pk, rk)
+                return self._version_from(pk, table.get_entity(pk, _key(incident_id)))
             except ResourceNotFoundError:
                 return None
-            rows = int(e.get("AlertRows", 0) or 0)
-            alerts = _join_json("Alerts", e, {}) if not rows else self._read_alert_rows(
-                pk, rk, rows, str(e.get("AlertGen", "")))
-            return IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
-                                   alerts=alerts, partial=bool(e.get("Partial", False)),
-                                   incident_row_stored=bool(e.get("IncidentRowStored", True)),
-                                   mirrored=bool(e.get("Mirrored", False)))
 
         return {v.incident_id: v for v in _read_pool().map(read, ids) if v is not None}
+
+    def get_versions_and_links(self, tenant_id: str, incident_ids: Iterable[str]
+                               ) -> tuple[dict[str, IncidentVersion], dict[str, dict[str, Any] | None]]:
+        """The stored versions of these incidents and their links, by one concurrent RowKey-range query each (the
+        version's key to its link's: the two entities and nothing else). Links: incident ID -> link, None when it
+        has none; an incident is left out when that is not known (the links of an earlier version could not be
+        moved yet: :meth:`get_link` reads the old place)."""
+        if not self._legacy_links_moved:
+            try:
+                self.move_legacy_links()
+            except AzureError as exc:  # tried again by the next look-up; meanwhile get_link reads the old place
+                log.warning("links of an earlier version not moved yet", extra={
+                    "action": "state-migrate", "outcome": "failed", "error": str(exc)[:300]})
+        ids = list(dict.fromkeys(incident_ids))
+        table = self.table(INCIDENTS)
+        pk = _key(tenant_id)
+        known_absent = self._legacy_links_moved
+
+        def read(incident_id: str) -> tuple[str, IncidentVersion | None, dict[str, Any] | None]:
+            rk = _key(incident_id)
+            found = {str(e["RowKey"]): e for e in table.query_entities(
+                "PartitionKey eq @pk and RowKey ge @rk and RowKey le @link",
+                parameters={"pk": pk, "rk": rk, "link": rk + LINK_SUFFIX})}
+            head, link = found.get(rk), found.get(rk + LINK_SUFFIX)
+            return (incident_id, self._version_from(pk, head) if head is not None else None,
+                    _link_from(link) if link is not None else None)
+
+        versions: dict[str, IncidentVersion] = {}
+        links: dict[str, dict[str, Any] | None] = {}
+        for incident_id, version, link in _read_pool().map(read, ids):
+            if version is not None:
+                versions[version.incident_id] = version
+            if link is not None or known_absent:
+                links[incident_id] = link
+        return versions, links
+
+    def _version_from(self, pk: str, e: TableEntity) -> IncidentVersion:
+        """The version a head entity holds (its alerts map from its alert rows when it has any)."""
+        rows = int(e.get("AlertRows", 0) or 0)
+        alerts = _join_json("Alerts", e, {}) if not rows else self._read_alert_rows(
+            pk, str(e["RowKey"]), rows, str(e.get("AlertGen", "")))
+        return IncidentVersion(incident_id=str(e["IncidentId"]), last_update=str(e["LastUpdate"]),
+                               alerts=alerts, partial=bool(e.get("Partial", False)),
+                               incident_row_stored=bool(e.get("IncidentRowStored", True)),
+                               mirrored=bool(e.get("Mirrored", False)))
 
     def _read_alert_rows(self, pk: str, rk: str, rows: int, gen: str) -> dict[str, str]:
         """The alerts map spread over ``rows`` rows; {} when a row is missing or from another write (torn)."""
@@ -647,11 +693,26 @@ class StateStore:
 
     # ----------------------------------------------------------------- links (mirror state)
     def get_link(self, tenant_id: str, incident_id: str) -> dict[str, Any] | None:
+        """The incident's link (with the ``etag`` it was read at), or None. One read; a link an earlier version
+        kept in the links table is moved beside the incident's version first."""
+        pk, rk = _key(tenant_id), _key(incident_id) + LINK_SUFFIX
+        table = self.table(INCIDENTS)
         try:
-            e = self.table(LINKS).get_entity(_key(tenant_id), _key(incident_id))
+            return _link_from(table.get_entity(pk, rk))
+        except ResourceNotFoundError:
+            if self._legacy_links_moved:
+                return None
+        try:
+            legacy = self.table(LINKS).get_entity(pk, _key(incident_id))
+        except ResourceNotFoundError:
+            legacy = None
+        if legacy is not None:
+            self._move_links([legacy])
+        # Read again also when there was none to move: a concurrent move inserts the link before it deletes the old.
+        try:
+            return _link_from(table.get_entity(pk, rk))
         except ResourceNotFoundError:
             return None
-        return {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
 
     def get_links(self, tenant_id: str, incident_ids: Iterable[str]) -> dict[str, dict[str, Any] | None]:
         """The links of these incidents (None: no link), by concurrent point reads on the process's read pool."""
@@ -661,11 +722,12 @@ class StateStore:
     def save_link(self, tenant_id: str, incident_id: str, link: dict[str, Any], *, etag: str | None) -> bool:
         """Write a link; ``etag`` is the version read (None: create). False when another writer got there first."""
         entity = _link_entity(tenant_id, incident_id, link)
-        table = self.table(LINKS)
+        table = self.table(INCIDENTS)
         try:
             if etag is None:
                 # The name index first: a crash in between leaves an index row that points at no link (harmless).
-                table.upsert_entity(_name_index_entity(tenant_id, incident_id, entity), mode=UpdateMode.REPLACE)
+                self.table(LINKS).upsert_entity(_name_index_entity(tenant_id, incident_id, entity),
+                                                mode=UpdateMode.REPLACE)
                 table.create_entity(entity)
             else:
                 table.update_entity(entity, mode=UpdateMode.REPLACE, etag=etag,
@@ -679,16 +741,15 @@ class StateStore:
         partition, so a crash in between leaves index rows pointing at no link: harmless), then the links (inserts
         in the tenant's partition: a transaction is refused whole if any of its links exists). Returns the IDs of
         the links not written (their transaction was refused or failed): the caller creates those one by one."""
-        table = self.table(LINKS)
         entities = {i: _link_entity(tenant_id, i, link) for i, link in links.items()}
         index = [Operation("upsert", e, entity_json(e))
                  for e in (_name_index_entity(tenant_id, i, entities[i]) for i in entities)]
         unwritten: list[str] = []
         writable: set[str] = set()
-        for etags, batch in _transactions(table, index, "link"):
+        for etags, batch in _transactions(self.table(LINKS), index, "link"):
             (writable.update if etags is not None else unwritten.extend)(str(op.entity["IncidentId"]) for op in batch)
         rows = [Operation("insert", e, entity_json(e)) for i, e in entities.items() if i in writable]
-        for etags, batch in _transactions(table, rows, "link"):
+        for etags, batch in _transactions(self.table(INCIDENTS), rows, "link"):
             if etags is None:
                 unwritten.extend(str(op.entity["IncidentId"]) for op in batch)
         return unwritten
@@ -699,7 +760,7 @@ class StateStore:
         read. Returns the IDs of the links not written: the caller saves those one by one (``save_link``)."""
         ops = [Operation("replace", e, entity_json(e), etag)
                for e, etag in ((_link_entity(tenant_id, i, link), etag) for i, (link, etag) in links.items())]
-        return [str(op.entity["IncidentId"]) for etags, batch in _transactions(self.table(LINKS), ops, "link")
+        return [str(op.entity["IncidentId"]) for etags, batch in _transactions(self.table(INCIDENTS), ops, "link")
                 if etags is None for op in batch]
 
     def find_link_by_sentinel_name(self, sentinel_name: str) -> tuple[str, str, dict[str, Any]] | None:
@@ -714,22 +775,79 @@ class StateStore:
 
     def iter_links(self, tenant_id: str, after: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
         """The tenant's links in key order, starting after the incident ID ``after`` (for a resumable sweep)."""
-        query, params = "PartitionKey eq @pk", {"pk": _key(tenant_id)}
+        query, params = "PartitionKey eq @pk and IsLink eq true", {"pk": _key(tenant_id)}
         if after:
             query += " and RowKey gt @after"
-            params["after"] = _key(after)
-        for e in self.table(LINKS).query_entities(query, parameters=params):
-            yield str(e["IncidentId"]), {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
+            params["after"] = _key(after) + LINK_SUFFIX
+        for e in self.table(INCIDENTS).query_entities(query, parameters=params):
+            yield str(e["IncidentId"]), _link_from(e)
+
+    def move_legacy_links(self) -> int:
+        """Move every link an earlier version kept in the links table (partition: tenant) beside its incident's
+        version, once per process; returns how many were moved. Idempotent and safe beside other movers and
+        writers: a link is inserted in its new place (never over one written there since) before its old row is
+        deleted (``If-Match``, so a row changed meanwhile is left for the next move)."""
+        if self._legacy_links_moved:
+            return 0
+        moved = 0
+        # Two key ranges around the name index, whose rows stay: a filter excluding it would scan all of them.
+        for query in ("PartitionKey lt @index", "PartitionKey gt @index"):
+            for page in self.table(LINKS).query_entities(query, parameters={"index": NAME_INDEX}).by_page():
+                entities = list(page)
+                moved += self._move_links(entities)
+        self._legacy_links_moved = False
+        if moved:
+            log.info("links moved beside their incidents' versions", extra={
+                "action": "state-migrate", "outcome": "moved", "links": moved})
+        return moved
+
+    def _move_links(self, legacy: list[TableEntity]) -> int:
+        """Insert links read from the links table beside their versions (those there already are left as they are)
+        and delete the old rows; returns how many were inserted."""
+        moved = 0
+        by_partition: dict[str, list[TableEntity]] = {}
+        for e in legacy:
+            by_partition.setdefault(str(e["PartitionKey"]), []).append(e)
+        for rows in by_partition.values():
+            inserts = [Operation("insert", e, entity_json(e)) for e in (
+                {**row, "RowKey": str(row["RowKey"]) + LINK_SUFFIX, "IsLink": True}
+                for row in rows)]
+            for etags, batch in _transactions(self.table(INCIDENTS), inserts, "link move"):
+                if etags is not None:
+                    moved += len(batch)
+                    continue
+                for op in batch:   # refused whole: one of them is there already
+                    try:
+                        self.table(INCIDENTS).create_entity(dict(op.entity))
+                        moved += 1
+                    except ResourceExistsError:
+                        pass
+            deletes = [Operation("delete", row, etag=str(row.metadata["etag"])) for row in rows]
+            for etags, batch in _transactions(self.table(LINKS), deletes, "link move"):
+                if etags is None:
+                    for op in batch:
+                        try:
+                            self.table(LINKS).delete_entity(str(op.entity["PartitionKey"]), str(op.entity["RowKey"]),
+                                                            etag=op.etag, match_condition=MatchConditions.IfNotModified)
+                        except (ResourceModifiedError, ResourceNotFoundError):
+                            pass
+        return moved
 
 
 def _link_entity(tenant_id: str, incident_id: str, link: dict[str, Any]) -> dict[str, Any]:
-    """The links-table entity of a link (its ``etag`` is not stored)."""
+    """The incidents-table entity of a link (its ``etag`` is not stored), beside the incident's version."""
     body = {k: v for k, v in link.items() if k != "etag"}
-    entity: dict[str, Any] = {"PartitionKey": _key(tenant_id), "RowKey": _key(incident_id),
-                              "IncidentId": incident_id, "SentinelName": str(body.get("sentinelName", ""))}
+    entity: dict[str, Any] = {"PartitionKey": _key(tenant_id), "RowKey": _key(incident_id) + LINK_SUFFIX,
+                              "IncidentId": incident_id, "SentinelName": str(body.get("sentinelName", "")),
+                              "IsLink": True}
     entity.update(_split_json("Link", body))
     check_entity(entity)
     return entity
+
+
+def _link_from(e: TableEntity) -> dict[str, Any]:
+    """The link an entity holds, with the ``etag`` it was read at."""
+    return {"etag": e.metadata.get("etag"), **_join_json("Link", e, {})}
 
 
 def _lease_entity(tenant_id: str, scope: str, owner: str, expires: datetime) -> dict[str, Any]:

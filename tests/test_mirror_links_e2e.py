@@ -14,6 +14,7 @@ import pytest
 from harness import run_timer
 from test_twoway_e2e import Env, comment, messages
 
+import sync.context
 import sync.state
 from sync.context import get_context
 from sync.state import INCIDENTS, _key
@@ -117,7 +118,43 @@ def test_an_older_version_entity_without_the_mark_is_handed_to_the_hook(env: Env
     for name in [k for k in progress if k.startswith("Recent")]:
         del progress[name]  # nor did it remember recent versions in the tenant's state
     tenants.update_entity(progress, mode=sync.state.UpdateMode.REPLACE)
-    get_context().state.table(sync.state.LINKS).delete_entity(_key(a), "3401")
+    table.delete_entity(_key(a), "3401" + sync.state.LINK_SUFFIX)
     run_timer("defender_pull")
     assert "3401" in _links(a), "hooked again: linked"
     assert len(_mirrors(env)) == 1
+
+
+def _as_an_earlier_version_stored_them(tenant: str) -> None:
+    """Move the tenant's links back where versions before this one kept them (the links table, keyed by incident)."""
+    state = get_context().state
+    for incident_id, _ in list(state.iter_links(tenant)):
+        entity = state.table(INCIDENTS).get_entity(_key(tenant), _key(incident_id) + sync.state.LINK_SUFFIX)
+        old = {k: v for k, v in entity.items() if k != "IsLink"}
+        state.table(sync.state.LINKS).create_entity({**old, "RowKey": _key(incident_id)})
+        state.table(INCIDENTS).delete_entity(_key(tenant), _key(incident_id) + sync.state.LINK_SUFFIX)
+
+
+def test_links_an_earlier_version_kept_in_the_links_table_are_moved_and_kept(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = env.a
+    env.incident(a, "3501", comments=[comment("first look")])
+    env.incident(a, "3502")
+    env.configure()
+    run_timer("defender_pull")
+    _as_an_earlier_version_stored_them(a)
+    monkeypatch.setattr(sync.context, "_context", None)   # the upgraded app starts: a new process
+    # A webhook before the first pull (which moves them all) finds its link where it was, and moves it.
+    env.analyst(a, "3502", status="Closed", classification="TruePositive", classification_reason="SuspiciousActivity")
+    status, body = env.webhook(a, "3502")
+    assert status == 200 and body["result"] == "applied", body
+    assert env.defender(a, "3502")["status"] == "resolved"
+    # The pull merges a Defender update against the earlier link: no second mirror, no second comment.
+    env.world.update_incident(a, "3501", severity="low")
+    run_timer("defender_pull")
+    assert env.get(a, "3501")["properties"]["severity"] == "Low"
+    assert len(_mirrors(env)) == 2 and len(messages(env.sentinel, env.name(a, "3501"))) == 1
+    assert set(_links(a)) == {"3501", "3502"}
+    legacy = get_context().state.table(sync.state.LINKS)
+    assert not [e for e in legacy.list_entities() if e["PartitionKey"] != sync.state.NAME_INDEX], "all moved"
+    run_timer("defender_pull")
+    assert len(_mirrors(env)) == 2 and len(messages(env.sentinel, env.name(a, "3501"))) == 1

@@ -18,7 +18,7 @@ from test_twoway_e2e import Env, comment, messages, pulled
 
 import sync.state
 from sync.context import get_context
-from sync.state import LEASES, LINKS, StateStore
+from sync.state import INCIDENTS, LEASES, StateStore
 from sync.timeutil import canonical_time
 
 
@@ -161,7 +161,7 @@ def test_a_crash_before_the_pages_link_write_is_repaired_by_the_next_run(
     real = sync.state.submit
 
     def crash(table: Any, operations: Any) -> Any:
-        if table.table_name == LINKS and any(op.kind == "replace" for op in operations):
+        if table.table_name == INCIDENTS and any(op.kind == "replace" for op in operations):
             raise RuntimeError("process killed before the page's link write")
         return real(table, operations)
 
