@@ -795,7 +795,7 @@ class StateStore:
             for page in self.table(LINKS).query_entities(query, parameters={"index": NAME_INDEX}).by_page():
                 entities = list(page)
                 moved += self._move_links(entities)
-        self._legacy_links_moved = False
+        self._legacy_links_moved = True
         if moved:
             log.info("links moved beside their incidents' versions", extra={
                 "action": "state-migrate", "outcome": "moved", "links": moved})

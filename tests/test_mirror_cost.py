@@ -114,7 +114,7 @@ class TableRequests:
         run_timer("defender_pull")
         out = Counter(service for service, _, _ in self.calls)
         out["links"] = sum(1 for service, _, path in self.calls
-                           if service == "table" and (f"/{LINKS}(" in path or f"{LINK_SUFFIX}')" in path))
+                           if service == "table" and (f"/{LINKS}(P" in path or f"{LINK_SUFFIX}')" in path))
         return dict(out)
 
 
