@@ -186,7 +186,9 @@ class IncidentSyncer:
         attempt for this incident failed (it may have created the mirror before it failed).
 
         The pull's page-level hook passes what it knows: ``link`` as it read it (None: absent; :data:`NO_LINK`:
-        known absent, not read), used for the first attempt (the link write's ``If-Match`` still guards it);
+        known absent, not read), used for the cases that need no lease (a version merged already, a new mirror)
+        and under the page's lease once the hook has confirmed it current; under the incident's own lease it is
+        read again (another worker may have synced the incident since it was read);
         ``new_links`` collects the links a sync without the lease would create, for the hook to write in
         transactions (their creates still fail if a link exists). ``leased_saves``: the caller holds the incident's
         lease already (the hook's page lease) and collects the link writes (with the ETag read) there, to write
@@ -215,7 +217,9 @@ class IncidentSyncer:
                     "tenantId": tenant.tenant_id, "incidentId": incident_id, "action": f"sync-{trigger}",
                     "outcome": "busy"})
                 raise IncidentBusy(f"incident {incident_id} is being synced by another worker; will retry later")
-            return self._sync_leased(tenant, incident_id, link, deadline=deadline, trigger=trigger,
+            # A link read before the lease (the pull's) is read again under it: another worker may have synced
+            # the incident meanwhile, and a merge against the older base would redo that sync over newer edits.
+            return self._sync_leased(tenant, incident_id, UNREAD_LINK, deadline=deadline, trigger=trigger,
                                      defender=defender, link_saves=None)
 
     def _sync_leased(self, tenant: TenantConfig, incident_id: str, link: Any, *, deadline: Deadline, trigger: str,

@@ -68,6 +68,7 @@ def mirror_hook(ctx: AppContext) -> IncidentHook:
         try:
             run.take_leases([str(h.incident.get("id")) for h in todo if str(h.incident.get("id")) not in letters
                              and needs_leased_sync(links.get(str(h.incident.get("id"))), h.incident)])
+            links.update(run.confirm_links(links))
             for item in todo:
                 incident_id = str(item.incident.get("id"))
                 run.attempt(item.incident, retry=incident_id in letters, link=links.get(incident_id, NO_LINK))
@@ -113,6 +114,23 @@ class _PageRun:
         if leases:
             self.keeper = LeaseGroupKeeper(self.ctx.state, leases, INCIDENT_LEASE_SECONDS)
             self.leased = {i for i, held_lease in held.items() if held_lease is not None}
+
+    def confirm_links(self, links: dict[str, Any]) -> dict[str, Any]:
+        """The links of the page's leased updates as they are now. They were read before the page's rows were
+        uploaded, and a webhook or the reconcile may have synced an incident since: a merge against the older
+        link would take that sync's change for a new one and write it over newer edits. The lease now keeps other
+        writers off, so one ``If-Match`` write of each link as read, in transactions, tells whether it is still
+        current (and gives the ETag the page's link write needs); a link that changed is read again."""
+        held = {i: links[i] for i in self.leased if isinstance(links.get(i), dict) and links[i].get("etag")}
+        if not held:
+            return {}
+        state, tid = self.ctx.state, self.tenant.tenant_id
+        etags = state.confirm_links(tid, {i: (link, str(link["etag"])) for i, link in held.items()})
+        current: dict[str, Any] = {i: {**held[i], "etag": etag} for i, etag in etags.items() if etag is not None}
+        changed = [i for i in held if i not in current]
+        if changed:
+            current.update(state.get_links(tid, changed))
+        return current
 
     def release_leases(self) -> None:
         """Give the page's incident leases back (once; nothing when none are held)."""

@@ -59,8 +59,10 @@ ALERT_ROW_CHARS = 400_000   # ASCII JSON of an alerts map per row: 800 KB by the
 MAX_ALERT_ROWS = 8          # rows of one incident's alerts map (about 40,000 alerts); more is not kept
 ALERT_ROW_SEP = "~alerts~"  # RowKey of an incident's alerts rows: <incident key>~alerts~<n>
 # RowKey suffix of an incident's link, beside its version: a RowKey range from the version's key to the link's holds
-# nothing else ("!" sorts below every character a key of an incident ID can continue with, except a space).
+# nothing else ("!" sorts below every character a key can continue with but a space, and no key holds one).
 LINK_SUFFIX = "!link"
+LINKS_MOVED = "links-moved"   # marker kind: every link of an earlier version is beside its version now
+MOVE_LINKS_PER_CALL = 5_000   # links of an earlier version moved by one call (the rest by the next ones)
 DEAD_LETTER_MAX_RETRIES = 5
 # Kinds never given up: a failed mirror leaves nothing else that would ever mirror the incident, so it is retried,
 # ever more slowly, until it is mirrored or gone (404).
@@ -78,8 +80,9 @@ class StaleWrite(Exception):
 
 
 def _key(value: str) -> str:
-    """Table keys may not contain / \\ # ? or control characters."""
-    return "".join("_" if c in "/\\#?" or ord(c) < 32 or 127 <= ord(c) < 160 else c for c in value)
+    """Table keys may not contain / \\ # ? or control characters; "!" is kept for the app's own suffixes (an
+    incident ID ending in ``!link`` must not name another incident's link)."""
+    return "".join("_" if c in "/\\#?!" or ord(c) < 32 or 127 <= ord(c) < 160 else c for c in value)
 
 
 @functools.cache
@@ -310,16 +313,10 @@ class StateStore:
         version's key to its link's: the two entities and nothing else). Links: incident ID -> link, None when it
         has none; an incident is left out when that is not known (the links of an earlier version could not be
         moved yet: :meth:`get_link` reads the old place)."""
-        if not self._legacy_links_moved:
-            try:
-                self.move_legacy_links()
-            except AzureError as exc:  # tried again by the next look-up; meanwhile get_link reads the old place
-                log.warning("links of an earlier version not moved yet", extra={
-                    "action": "state-migrate", "outcome": "failed", "error": str(exc)[:300]})
+        known_absent = self._ensure_links_moved()
         ids = list(dict.fromkeys(incident_ids))
         table = self.table(INCIDENTS)
         pk = _key(tenant_id)
-        known_absent = self._legacy_links_moved
 
         def read(incident_id: str) -> tuple[str, IncidentVersion | None, dict[str, Any] | None]:
             rk = _key(incident_id)
@@ -700,7 +697,7 @@ class StateStore:
         try:
             return _link_from(table.get_entity(pk, rk))
         except ResourceNotFoundError:
-            if self._legacy_links_moved:
+            if self._links_moved():
                 return None
         try:
             legacy = self.table(LINKS).get_entity(pk, _key(incident_id))
@@ -758,10 +755,22 @@ class StateStore:
         """Write existing links (incident ID -> (link, the ETag it was read at)) in transactions of ``If-Match``
         replaces in the tenant's partition: a transaction is refused whole if any of its links changed since it was
         read. Returns the IDs of the links not written: the caller saves those one by one (``save_link``)."""
+        return [i for i, etag in self._replace_links(tenant_id, links).items() if etag is None]
+
+    def confirm_links(self, tenant_id: str, links: dict[str, tuple[dict[str, Any], str]]) -> dict[str, str | None]:
+        """Whether links read earlier (incident ID -> (link, the ETag it was read at)) are still as read: each is
+        written back unchanged, ``If-Match`` its ETag, in transactions. Returns each one's new ETag, None where its
+        transaction was refused (one of its links changed: read those again)."""
+        return self._replace_links(tenant_id, links)
+
+    def _replace_links(self, tenant_id: str, links: dict[str, tuple[dict[str, Any], str]]) -> dict[str, str | None]:
         ops = [Operation("replace", e, entity_json(e), etag)
                for e, etag in ((_link_entity(tenant_id, i, link), etag) for i, (link, etag) in links.items())]
-        return [str(op.entity["IncidentId"]) for etags, batch in _transactions(self.table(INCIDENTS), ops, "link")
-                if etags is None for op in batch]
+        written: dict[str, str | None] = {}
+        for etags, batch in _transactions(self.table(INCIDENTS), ops, "link"):
+            for n, op in enumerate(batch):
+                written[str(op.entity["IncidentId"])] = etags[n] if etags is not None else None
+        return written
 
     def find_link_by_sentinel_name(self, sentinel_name: str) -> tuple[str, str, dict[str, Any]] | None:
         """(tenant ID, incident ID, link) for a Sentinel incident name, or None if the app does not mirror it."""
@@ -774,7 +783,9 @@ class StateStore:
         return (tenant_id, incident_id, link) if link is not None else None
 
     def iter_links(self, tenant_id: str, after: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-        """The tenant's links in key order, starting after the incident ID ``after`` (for a resumable sweep)."""
+        """The tenant's links in key order, starting after the incident ID ``after`` (for a resumable sweep). Links
+        of an earlier version are moved first, so the sweep sees them."""
+        self._ensure_links_moved()
         query, params = "PartitionKey eq @pk and IsLink eq true", {"pk": _key(tenant_id)}
         if after:
             query += " and RowKey gt @after"
@@ -782,24 +793,53 @@ class StateStore:
         for e in self.table(INCIDENTS).query_entities(query, parameters=params):
             yield str(e["IncidentId"]), _link_from(e)
 
-    def move_legacy_links(self) -> int:
-        """Move every link an earlier version kept in the links table (partition: tenant) beside its incident's
-        version, once per process; returns how many were moved. Idempotent and safe beside other movers and
-        writers: a link is inserted in its new place (never over one written there since) before its old row is
-        deleted (``If-Match``, so a row changed meanwhile is left for the next move)."""
-        if self._legacy_links_moved:
+    def move_legacy_links(self, limit: int = MOVE_LINKS_PER_CALL) -> int:
+        """Move links an earlier version kept in the links table (partition: tenant) beside their incidents'
+        versions, about ``limit`` a call; returns how many were moved. When none are left, a marker says so for
+        every process (read once per process). Idempotent and safe beside other movers and writers: a link is
+        inserted in its new place (never over one written there since) before its old row is deleted
+        (``If-Match``: a row changed meanwhile is moved by the next call)."""
+        if self._links_moved():
             return 0
-        moved = 0
+        moved = seen = 0
         # Two key ranges around the name index, whose rows stay: a filter excluding it would scan all of them.
         for query in ("PartitionKey lt @index", "PartitionKey gt @index"):
-            for page in self.table(LINKS).query_entities(query, parameters={"index": NAME_INDEX}).by_page():
-                entities = list(page)
-                moved += self._move_links(entities)
+            for page in self.table(LINKS).query_entities(query, parameters={"index": NAME_INDEX},
+                                                         results_per_page=min(limit, 1000)).by_page():
+                rows = list(page)
+                seen += len(rows)
+                moved += self._move_links(rows)
+                if seen >= limit:
+                    self._log_moved(moved)
+                    return moved   # the next call goes on (moved rows are gone from the old place)
+        self.set_marker(LINKS_MOVED, "all", {"movedAt": format_time(utcnow())})
         self._legacy_links_moved = True
+        self._log_moved(moved)
+        return moved
+
+    def _links_moved(self) -> bool:
+        """Whether every link of an earlier version is moved: known to this process, or said by the marker."""
+        if not self._legacy_links_moved:
+            self._legacy_links_moved = bool(self.get_marker(LINKS_MOVED, "all").get("movedAt"))
+        return self._legacy_links_moved
+
+    def _ensure_links_moved(self) -> bool:
+        """Move what is left of the links of an earlier version (a failure is logged; the next call tries again
+        and meanwhile :meth:`get_link` reads the old place); whether none are left."""
+        if self._legacy_links_moved:
+            return True
+        try:
+            self.move_legacy_links()
+        except AzureError as exc:
+            log.warning("links of an earlier version not moved yet", extra={
+                "action": "state-migrate", "outcome": "failed", "error": str(exc)[:300]})
+        return self._legacy_links_moved
+
+    @staticmethod
+    def _log_moved(moved: int) -> None:
         if moved:
             log.info("links moved beside their incidents' versions", extra={
                 "action": "state-migrate", "outcome": "moved", "links": moved})
-        return moved
 
     def _move_links(self, legacy: list[TableEntity]) -> int:
         """Insert links read from the links table beside their versions (those there already are left as they are)
@@ -810,7 +850,7 @@ class StateStore:
             by_partition.setdefault(str(e["PartitionKey"]), []).append(e)
         for rows in by_partition.values():
             inserts = [Operation("insert", e, entity_json(e)) for e in (
-                {**row, "RowKey": str(row["RowKey"]) + LINK_SUFFIX, "IsLink": True}
+                {**row, "RowKey": _key(str(row["IncidentId"])) + LINK_SUFFIX, "IsLink": True}
                 for row in rows)]
             for etags, batch in _transactions(self.table(INCIDENTS), inserts, "link move"):
                 if etags is not None:
@@ -822,6 +862,8 @@ class StateStore:
                         moved += 1
                     except ResourceExistsError:
                         pass
+            # The old rows go only once their links are in place; one left behind (the delete failed) is moved
+            # again by the next call, whose insert finds the link there and leaves it.
             deletes = [Operation("delete", row, etag=str(row.metadata["etag"])) for row in rows]
             for etags, batch in _transactions(self.table(LINKS), deletes, "link move"):
                 if etags is None:
@@ -829,7 +871,7 @@ class StateStore:
                         try:
                             self.table(LINKS).delete_entity(str(op.entity["PartitionKey"]), str(op.entity["RowKey"]),
                                                             etag=op.etag, match_condition=MatchConditions.IfNotModified)
-                        except (ResourceModifiedError, ResourceNotFoundError):
+                        except AzureError:
                             pass
         return moved
 

@@ -48,6 +48,11 @@ def _current(tenant: str, versions: dict[str, str]) -> None:
         assert link["defenderVersion"] >= version, (incident_id, link["defenderVersion"], version)
 
 
+def _as_stored(link: dict[str, Any] | None) -> dict[str, Any]:
+    """A link as read, without the ETag it was read at."""
+    return {k: v for k, v in (link or {}).items() if k != "etag"}
+
+
 def _updated(env: Env, tenant: str, ids: list[str]) -> dict[str, str]:
     """Update the incidents in Defender; their new versions."""
     return {i: canonical_time(str(env.world.update_incident(tenant, i, severity="low")["lastUpdateDateTime"]))
@@ -161,7 +166,10 @@ def test_a_crash_before_the_pages_link_write_is_repaired_by_the_next_run(
     real = sync.state.submit
 
     def crash(table: Any, operations: Any) -> Any:
-        if table.table_name == INCIDENTS and any(op.kind == "replace" for op in operations):
+        # The page's link write, not its confirmation of the links as read (which writes them back unchanged).
+        if table.table_name == INCIDENTS and any(
+                op.kind == "replace" and sync.state._join_json("Link", op.entity, {}) != _as_stored(before[
+                    str(op.entity["IncidentId"])]) for op in operations):
             raise RuntimeError("process killed before the page's link write")
         return real(table, operations)
 
@@ -180,3 +188,35 @@ def test_a_crash_before_the_pages_link_write_is_repaired_by_the_next_run(
     for incident_id in ids:
         assert copies(env, a, incident_id, f"reply on {incident_id}") == 1, incident_id
         assert len(messages(env.sentinel, env.name(a, incident_id))) == 2, "each comment copied once"
+
+
+def test_a_webhook_sync_during_the_pages_upload_is_not_undone_by_the_page(env: Env) -> None:
+    """The pull reads an update's link with its version, before the page's rows are uploaded; the hook syncs it
+    after. A webhook that syncs an analyst's edit in between, followed by a Defender user's own change to the same
+    field, must not make the page merge against the link as it was before the webhook: that would see the
+    analyst's edit as new and write it over the Defender user's change."""
+    from emulators.http_spy import observe_requests
+
+    a = env.a
+    env.incident(a, "3601")
+    pulled(env)
+    env.world.update_incident(a, "3601", severity="medium")   # the page's update (version T0)
+    injected: list[str] = []
+
+    def meanwhile(request: Any) -> None:
+        if injected or "dataCollectionRules" not in str(request.url):
+            return
+        injected.append("upload")   # the page's first upload: its versions and links are looked up already
+        env.analyst(a, "3601", owner="analyst@mssp.example")
+        status, body = env.webhook(a, "3601")
+        assert status == 200 and body["result"] == "applied", body
+        env.world.update_incident(a, "3601", assignedTo="tier2@contoso.example")   # then a Defender user
+
+    with observe_requests(meanwhile):
+        run_timer("defender_pull")
+    assert injected, "the page uploaded rows"
+    assert env.defender(a, "3601")["assignedTo"] == "tier2@contoso.example", "the Defender user's change stands"
+    run_timer("defender_pull")
+    assert env.defender(a, "3601")["assignedTo"] == "tier2@contoso.example"
+    owner = env.get(a, "3601")["properties"]["owner"]
+    assert (owner.get("userPrincipalName") or owner.get("email")) == "tier2@contoso.example", owner
