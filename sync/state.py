@@ -784,7 +784,8 @@ class StateStore:
 
     def iter_links(self, tenant_id: str, after: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
         """The tenant's links in key order, starting after the incident ID ``after`` (for a resumable sweep). Links
-        of an earlier version are moved first, so the sweep sees them."""
+        of an earlier version are moved first (:data:`MOVE_LINKS_PER_CALL` a call), so the sweep sees them once they
+        are all moved."""
         self._ensure_links_moved()
         query, params = "PartitionKey eq @pk and IsLink eq true", {"pk": _key(tenant_id)}
         if after:
@@ -914,7 +915,7 @@ def _transactions(table: TableClient, ops: list[Operation], what: str
         try:
             etags = submit(table, batch)
         except AzureError as exc:
-            log.info("%s transaction not written; its operations are done one by one", what, extra={
+            log.info("%s transaction not written; the caller takes its operations up one by one", what, extra={
                 "action": "state-write", "outcome": "batch-failed", "operations": len(batch), "error": str(exc)[:300]})
             yield None, batch
             continue
