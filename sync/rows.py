@@ -142,8 +142,33 @@ def record_id(*parts: str) -> str:
     :func:`uuid.uuid5` does (SHA-1 of namespace + name, version and variant bits set), without its objects: one per
     row.
     """
-    digest = bytearray(hashlib.sha1(_RECORD_NAMESPACE_BYTES + json.dumps([str(part) for part in parts]).encode(),
-                                    usedforsecurity=False).digest()[:16])
+    return _record_id(hashlib.sha1(_RECORD_NAMESPACE_BYTES + _json_list([str(part) for part in parts]),
+                                   usedforsecurity=False))
+
+
+def _record_ids(parts: list[str], last: list[str]) -> list[str]:
+    """``record_id(*parts, item)`` for each ``item`` of ``last``: the shared prefix is hashed once."""
+    prefix = _json_list(parts)[:-1] if parts else b"["
+    base = hashlib.sha1(_RECORD_NAMESPACE_BYTES + prefix, usedforsecurity=False)
+    ids = []
+    for item in last:
+        digest = base.copy()
+        digest.update((b", " if parts else b"") + _json_list([item])[1:])
+        ids.append(_record_id(digest))
+    return ids
+
+
+def _json_list(parts: list[str]) -> bytes:
+    """``json.dumps(parts).encode()``; written directly when no part needs an escape (printable ASCII without
+    quotes or backslashes: ``json.dumps`` writes those characters as they are)."""
+    for part in parts:
+        if not (part.isascii() and part.isprintable()) or '"' in part or "\\" in part:
+            return json.dumps(parts).encode()
+    return ('["' + '", "'.join(parts) + '"]').encode() if parts else b"[]"
+
+
+def _record_id(sha1: Any) -> str:
+    digest = bytearray(sha1.digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest.hex()
@@ -553,6 +578,21 @@ def _converters(table: str) -> tuple[tuple[str, str, Callable[[Any], Any]], ...]
     return tuple((name, ctype, _FAST[ctype]) for name, ctype in _columns(table).items())
 
 
+@lru_cache(maxsize=64)
+def _plan(table: str, keys: tuple[str, ...]) -> tuple[bool, tuple[tuple[str, str, Callable[[Any], Any]], ...]]:
+    """The converters of the columns a builder fills (``keys``: its raw dict's keys, the same for every row it
+    builds), in schema order, and whether ``keys`` already come in that order (then the raw values are read in
+    order, without a look-up per column). Raises ``KeyError`` for a key that is no column: a builder/schema
+    mismatch is a bug, failing loudly (the tests catch it)."""
+    columns = _columns(table)
+    unknown = set(keys) - set(columns)
+    if unknown:
+        raise KeyError(f"{table} has no column {sorted(unknown)[0]!r}")
+    given = set(keys)
+    plan = tuple(entry for entry in _converters(table) if entry[0] in given)
+    return tuple(entry[0] for entry in plan) == keys, plan
+
+
 def _finish(table: str, raw: Mapping[str, Any]) -> Row:
     """Coerce raw values to the table's declared types, cut oversized values and order keys like the schema.
 
@@ -563,13 +603,15 @@ def _finish(table: str, raw: Mapping[str, Any]) -> Row:
     columns = _columns(table)
     values: dict[str, Any] = {}
     truncated: set[str] = set()
-    found = 0
-    for name, ctype, fast in _converters(table):  # schema order: the row comes out ordered
-        value = raw.get(name)
+    in_order, plan = _plan(table, tuple(raw))
+    pairs = zip(plan, raw.values(), strict=True) if in_order else ((entry, raw[entry[0]]) for entry in plan)
+    for (name, ctype, fast), value in pairs:  # schema order: the row comes out ordered
         if value is None:
-            found += name in raw
             continue
-        found += 1
+        # _fast_string written out: the most frequent converter, one call per text field saved.
+        if fast is _fast_string and type(value) is str and value.isascii() and len(value) <= FIELD_MAX_BYTES:
+            values[name] = value
+            continue
         coerced = fast(value)
         if coerced is _SLOW:
             coerced, cut = _coerce(ctype, value, sized=False)
@@ -578,8 +620,6 @@ def _finish(table: str, raw: Mapping[str, Any]) -> Row:
             if coerced is None:
                 continue
         values[name] = coerced
-    if found != len(raw):  # a builder/schema mismatch is a bug: fail loudly, the tests catch it
-        raise KeyError(f"{table} has no column {sorted(set(raw) - set(columns))[0]!r}")
     ordered = values
     wire = None if truncated else _wire(ordered)
     if wire is not None and len(wire) <= FIELD_MAX_BYTES:
@@ -912,13 +952,17 @@ def flatten_evidence(evidence: Mapping[str, Any]) -> dict[str, Any]:
     - SessionId: logon-session evidence ``sessionId``; RequestId: cloudLogonRequestEvidence ``requestId``.
     - MalwareName: malwareEvidence ``name``.
     """
+    return _flatten(evidence, evidence_type(evidence))
+
+
+def _flatten(evidence: Mapping[str, Any], kind: str | None) -> dict[str, Any]:
+    """:func:`flatten_evidence` of an item whose :func:`evidence_type` is ``kind`` (the row builder knows it)."""
     host = _obj(evidence.get("host"))
     account = _account_of(evidence)
     files = _obj(evidence.get("fileDetails")) or _obj(evidence.get("imageFile"))
     cloud = (_obj(evidence.get("storageResource")) or _obj(evidence.get("cloudResource"))
              or _obj(evidence.get("ioTHub")) or _obj(evidence.get("vmMetadata")))
     sender = _obj(evidence.get("p1Sender"))
-    kind = evidence_type(evidence)
     # ``name`` means a malware's name, a person's name (gitHubUserEvidence) or a resource's name (the rest).
     name = evidence.get("name") if kind not in _NAME_IS_NOT_A_RESOURCE else None
     return {
@@ -982,24 +1026,27 @@ def evidence_rows(alert: Mapping[str, Any], *, incident_id: str, tenant_id: str,
     read_at = _check_read_at(read_at)
     tenant = _tenant_key(tenant_id)
     rows: list[dict[str, Any]] = []
-    for index, item in enumerate(_evidence_items(alert)):
+    items = _evidence_items(alert)
+    record_ids = _record_ids([tenant, alert_id, version], [str(index) for index in range(len(items))])
+    for index, item in enumerate(items):
         evidence = _obj(item)
+        kind = evidence_type(evidence)
         raw: dict[str, Any] = {
             "TimeGenerated": read_at,
-            "RecordId": record_id(tenant, alert_id, version, str(index)),
+            "RecordId": record_ids[index],
             "DefenderTenantId": tenant_id,
             "TenantName": tenant_name,
             "IncidentId": incident,
             "AlertId": alert_id,
             "AlertLastUpdateDateTime": alert.get("lastUpdateDateTime"),
             "EvidenceIndex": index,
-            "EvidenceType": evidence_type(evidence),
+            "EvidenceType": kind,
             "CreatedDateTime": evidence.get("createdDateTime"),
             "Verdict": evidence.get("verdict"),
             "RemediationStatus": evidence.get("remediationStatus"),
             "Roles": _as_list(evidence.get("roles")),
             "Tags": _as_list(evidence.get("tags")),
-            **flatten_evidence(evidence),
+            **_flatten(evidence, kind),
             "Evidence": item,
         }
         rows.append(_finish("DefenderEvidence_CL", raw))

@@ -828,6 +828,31 @@ def test_record_id_is_the_uuid5_of_its_parts() -> None:
         assert rows.record_id(*parts) == str(uuid.uuid5(namespace, json.dumps([str(p) for p in parts])))
 
 
+_ID_PARTS = ["t", "1", "", "a|b", 'q"uote', "back\\slash", "\x7f", "\x1f", "é", "\U0001f600", " x "]
+
+
+def test_record_ids_of_an_alert_s_evidence_equal_record_id() -> None:
+    # The evidence rows' RecordIds hash the shared prefix once; any part that JSON escapes takes json.dumps.
+    for prefix in [[], ["t"], *[["tenant", part, "2026-01-01T00:00:00.0000000Z"] for part in _ID_PARTS]]:
+        assert rows._record_ids(prefix, _ID_PARTS) == [rows.record_id(*prefix, last) for last in _ID_PARTS]
+
+
+@given(st.lists(st.text(max_size=8), max_size=4), st.lists(st.text(max_size=8), max_size=3))
+def test_property_record_ids_equal_record_id(prefix: list[str], last: list[str]) -> None:
+    assert rows._record_ids(prefix, last) == [rows.record_id(*prefix, item) for item in last]
+
+
+def test_finish_orders_a_raw_dict_given_out_of_schema_order() -> None:
+    raw = {"IncidentId": "1", "TimeGenerated": datetime(2026, 1, 2, tzinfo=UTC), "RecordId": "r",
+           "DefenderTenantId": "t", "TenantName": "n", "AlertCount": 2, "Description": None}
+    ordered = rows._finish("DefenderIncidents_CL", dict(sorted(raw.items())))
+    assert list(ordered) == ["TimeGenerated", "RecordId", "DefenderTenantId", "TenantName", "IncidentId",
+                             "AlertCount"]
+    assert ordered.wire == rows._finish("DefenderIncidents_CL", dict(reversed(raw.items()))).wire
+    with pytest.raises(KeyError, match="'Nope'"):
+        rows._finish("DefenderIncidents_CL", {**raw, "Nope": 1})
+
+
 _NESTED: Any = "leaf"
 for _ in range(rows.MAX_DYNAMIC_DEPTH + 1):
     _NESTED = [_NESTED]
