@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import azure.functions as func
 
 from sync import functions as handlers
@@ -11,6 +13,14 @@ from sync.telemetry import configure_telemetry
 configure_telemetry()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+# Garbage collection: the start-up objects (modules, SDK clients' classes) are kept for the process's life, so a full
+# collection need not walk them again (freeze); a pull's objects (Graph pages, rows) are freed by reference counting
+# when a step ends, and the default young-generation threshold (700 objects) made the collector walk them again
+# and again while they were alive: about 7% of the pull's CPU (bench.pull_bench, 10,000 incidents). Cycles are
+# still collected, after 50,000 new objects instead of 700.
+gc.freeze()
+gc.set_threshold(50_000, 10, 10)
 
 
 @app.function_name("defender_pull")
