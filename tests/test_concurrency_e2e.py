@@ -81,12 +81,17 @@ def test_two_webhook_deliveries_at_once_copy_a_comment_once(env: Env) -> None:
     assert copies(env, a, "2101", "Isolating the host now") == 1
 
 
+def mirrored_then_commented(env: Env, tenant: str, incident_id: str, text: str) -> None:
+    """An incident mirrored, then an analyst's comment on its mirror and a new owner (a webhook's usual cause)."""
+    env.incident(tenant, incident_id)
+    pulled(env)
+    env.sentinel.analyst_comment(env.name(tenant, incident_id), text, "analyst@mssp.example")
+    env.analyst(tenant, incident_id, owner="lead@mssp.example")
+
+
 def test_webhook_beside_the_reconcile_copies_a_comment_once(env: Env) -> None:
     a = env.a
-    env.incident(a, "2201")
-    pulled(env)
-    env.sentinel.analyst_comment(env.name(a, "2201"), "Escalated to tier 2", "analyst@mssp.example")
-    env.analyst(a, "2201", owner="lead@mssp.example")
+    mirrored_then_commented(env, a, "2201", "Escalated to tier 2")
     slow_comment_listing(env, 2)
     webhook, reconcile = at_once(lambda: env.webhook(a, "2201"),
                                  lambda: http("sync_run", body={"direction": "reconcile", "tenants": [a]}))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from harness import run_timer
-from test_concurrency_e2e import copies, slow_comment_listing
+from test_concurrency_e2e import copies, mirrored_then_commented, slow_comment_listing
 from test_twoway_e2e import Env, comment, messages, pulled
 
 import sync.state
@@ -72,10 +72,7 @@ def _mirrored_then_updated(env: Env, tenant: str, ids: list[str]) -> dict[str, s
 
 def test_a_webhook_during_the_pulls_page_lease_waits_and_the_comment_is_copied_once(env: Env) -> None:
     a = env.a
-    env.incident(a, "2701")
-    pulled(env)
-    env.sentinel.analyst_comment(env.name(a, "2701"), "Contained on WS-01", "analyst@mssp.example")
-    env.analyst(a, "2701", owner="lead@mssp.example")
+    mirrored_then_commented(env, a, "2701", "Contained on WS-01")
     versions = _updated(env, a, ["2701"])
     slow_comment_listing(env, 2)   # the pull's sync holds the page lease across a slow comment listing
     pull = threading.Thread(target=run_timer, args=("defender_pull",))
